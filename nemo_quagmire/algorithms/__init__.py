@@ -1,0 +1,1 @@
+"""GRPO math: advantage estimators and policy losses (pure torch, no framework imports)."""

@@ -1,0 +1,1 @@
+"""Datasets: the embedded synthetic arithmetic task and prompt/response loaders."""

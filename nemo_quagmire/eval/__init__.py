@@ -1,0 +1,1 @@
+"""Evaluation cores: unbiased pass@k / maj@k, benchmark loading and prompt templates."""

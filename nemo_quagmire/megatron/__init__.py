@@ -1,0 +1,1 @@
+"""The Megatron engine: the only package that imports megatron.core."""

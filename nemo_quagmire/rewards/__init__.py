@@ -1,0 +1,1 @@
+"""Verifiable rewards: final-answer extraction and a math-verify grader that cannot hang."""

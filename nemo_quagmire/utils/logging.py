@@ -1,0 +1,46 @@
+"""Rank-zero aware logging.
+
+Library code logs through `get_logger(__name__)`; only rank 0 of a distributed job emits INFO and below,
+so an 8-GPU run prints one line per event, not eight. Warnings and errors pass on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+_ROOT = "nemo_quagmire"
+
+
+def global_rank() -> int:
+    """Rank of this process: torch.distributed if initialised, else the launcher's RANK variable, else 0."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+    return int(os.environ.get("RANK", "0"))
+
+
+class _RankZeroFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or global_rank() == 0
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger under the package namespace whose INFO/DEBUG records pass on rank 0 only."""
+    logger = logging.getLogger(name if name.startswith(_ROOT) else f"{_ROOT}.{name}")
+    if not any(isinstance(f, _RankZeroFilter) for f in logger.filters):
+        logger.addFilter(_RankZeroFilter())
+    return logger
+
+
+def configure_logging(level: int | str = logging.INFO) -> None:
+    """Set up a console handler for entry-point scripts (library code never calls this)."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )

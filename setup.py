@@ -1,0 +1,35 @@
+"""nemo-quagmire: pick the SFT checkpoint that will be best after RL (held-out loss, pass@large-k, GRPO)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="nemo-quagmire",
+    version="0.1.0",
+    description="GRPO on megatron-core, held-out-loss and pass@k callbacks, and a post-RL predictor report.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nemo_quagmire", "nemo_quagmire.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "psutil",  # undeclared by megatron-core; checkpoint saving hangs without it
+        "numpy",
+        "scipy",
+        "pandas",
+        "pyarrow",
+        "omegaconf>=2.3",
+        "hydra-core>=1.3.2",
+        "pydantic>=2.6",
+        # [antlr4_9_3], not [antlr4_13_2]: hydra-core pins antlr4 4.9.*, and the other extra makes pip
+        # silently fall back to math-verify 0.3.3.
+        "math-verify[antlr4_9_3]>=0.9.0",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "hypothesis", "ruff", "transformers>=4.57"],
+        "gpu": ["transformer-engine[pytorch]", "vllm"],
+        "nemo": ["nemo-toolkit[llm]==2.7.3", "nemo-run", "pyarrow<22", "leptonai<0.47"],
+    },
+)
