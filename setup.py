@@ -21,9 +21,9 @@ setup(
         "omegaconf>=2.3",
         "hydra-core>=1.3.2",
         "pydantic>=2.6",
-        # [antlr4_9_3], not [antlr4_13_2]: hydra-core pins antlr4 4.9.*, and the other extra makes pip
+        # [antlr4-9-3], not [antlr4-13-2]: hydra-core pins antlr4 4.9.*, and the other extra makes pip
         # silently fall back to math-verify 0.3.3.
-        "math-verify[antlr4_9_3]>=0.9.0",
+        "math-verify[antlr4-9-3]>=0.9.0",
         "tqdm",
         "matplotlib",
     ],
