@@ -10,6 +10,10 @@ Why a library module: `scripts/grade.py` (offline, from a samples file) and the 
 - A benchmark's "n" is its smallest per-problem sample count ("n_max" the largest).
 - "macro" is the unweighted mean over the benchmarks present: AIME's 30 problems weigh as much as GSM8K's
   1319.
+- Majority votes count equivalent answers together: every answer the grader judged correct equals the gold
+  and so each other (`0.875`, `7/8` and `\frac{7}{8}` are one vote), and wrong answers vote by their text
+  with white space removed. Without this, a model that writes the right answer in several forms would lose
+  votes to one consistently-written wrong answer.
 
 The report is plain JSON-ready data: `{"per_benchmark": {name: {...}}, "macro": {...}}`, fractions in [0, 1].
 """
@@ -26,6 +30,8 @@ from nemo_quagmire.eval.passk import default_ks, passk_metrics
 COUNT_KEYS = ("num_problems", "num_samples", "n", "n_max")
 # The estimators are exact to ~1e-13; rounding keeps float noise (0.9999999999999998) out of reports.
 ROUND_DIGITS = 12
+# The vote of every correct answer; no extracted answer (whitespace-free text) can equal it.
+_CORRECT_VOTE = "\x00correct"
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,14 @@ class GradedSample:
     problem_id: str
     correct: bool
     extracted: str | None
+
+
+def vote_key(sample: GradedSample) -> str | None:
+    """The answer a sample votes for in maj@k: one shared key for all correct answers, the white-space-free
+    text for a wrong one, None (no vote) without an answer."""
+    if sample.extracted is None:
+        return None
+    return _CORRECT_VOTE if sample.correct else "".join(sample.extracted.split())
 
 
 def group_by_problem(samples: Iterable[GradedSample]) -> dict[str, dict[str, list[GradedSample]]]:
@@ -100,7 +114,7 @@ def compute_metrics(samples: Sequence[GradedSample], ks: Sequence[int] | None = 
     per_benchmark: dict[str, dict[str, float | int]] = {}
     for bench, problems in groups.items():
         correct = [[s.correct for s in group] for group in problems.values()]  # [P][n_p]
-        answers = [[s.extracted for s in group] for group in problems.values()]  # [P][n_p]
+        answers = [[vote_key(s) for s in group] for group in problems.values()]  # [P][n_p]
         ns = [len(group) for group in correct]
         means = passk_metrics(correct, answers=answers, ks=ks).mean
         per_benchmark[bench] = {

@@ -18,25 +18,30 @@ from nemo_quagmire.eval.grading import (
 
 
 def _brute_force(samples: list[GradedSample], k: int) -> tuple[float, float]:
-    """(pass@k, maj@k) of one problem: average over all k-subsets; a vote tie scores its correct fraction."""
+    """(pass@k, maj@k) of one problem: average over all k-subsets; a vote tie scores its correct fraction.
+
+    Votes: all correct answers form one party (they all equal the gold); wrong answers vote by their text
+    without white space."""
     passes, majs = [], []
     for subset in itertools.combinations(samples, k):
         passes.append(any(s.correct for s in subset))
-        votes = Counter(s.extracted for s in subset if s.extracted is not None)
+        parties = [
+            "RIGHT" if s.correct else s.extracted.replace(" ", "") for s in subset if s.extracted is not None
+        ]
+        votes = Counter(parties)
         if not votes:
             majs.append(0.0)
             continue
         top = max(votes.values())
         winners = [a for a, v in votes.items() if v == top]
-        right = {s.extracted for s in subset if s.correct}
-        majs.append(sum(a in right for a in winners) / len(winners))
+        majs.append(winners.count("RIGHT") / len(winners))
     return sum(passes) / len(passes), sum(majs) / len(majs)
 
 
 def _random_problem(rng: random.Random, bench: str, pid: str, n: int) -> list[GradedSample]:
-    # answers "0".."3" or None; answer "0" is the right one, so verdicts are consistent per answer string
-    answers = [rng.choice(["0", "1", "2", "3", None]) for _ in range(n)]
-    return [GradedSample(bench, pid, a == "0", a) for a in answers]
+    # "0", "0.0" and "0/1" are right (equivalent forms of one answer); "1", " 1" (same vote), "2", None wrong
+    answers = [rng.choice(["0", "0.0", "0/1", "1", " 1", "2", None]) for _ in range(n)]
+    return [GradedSample(bench, pid, a in ("0", "0.0", "0/1"), a) for a in answers]
 
 
 def test_metrics_match_brute_force_and_macro_is_unweighted():
@@ -114,3 +119,11 @@ def test_table_lists_benchmarks_and_macro_in_percent():
     assert header.split() == ["benchmark", "problems", "n", "pass@1", "maj@1", "mean@n", "no_answer"]
     assert row.split() == ["aime24", "1", "2", "50.0", "50.0", "50.0", "0.0"]
     assert macro.split() == ["macro", "50.0", "50.0", "50.0", "0.0"]
+
+
+def test_equivalent_correct_answers_vote_together():
+    # 3 correct answers in 3 forms against 2 copies of one wrong answer: with all 5 samples the correct party
+    # has 3 votes and wins (maj@5 = 1); voting by raw text would make "1" (2 votes) win.
+    forms = ["\\frac{1}{2}", "1/2", "0.5"]
+    samples = [GradedSample("b", "p", True, a) for a in forms] + [GradedSample("b", "p", False, "1")] * 2
+    assert compute_metrics(samples, ks=[5])["per_benchmark"]["b"]["maj@5"] == 1.0
