@@ -24,6 +24,7 @@ setup(
         # [antlr4-9-3], not [antlr4-13-2]: hydra-core pins antlr4 4.9.*, and the other extra makes pip
         # silently fall back to math-verify 0.3.3.
         "math-verify[antlr4-9-3]>=0.9.0",
+        "safetensors",  # HF checkpoint import/export (nemo_quagmire.megatron.hf)
         "tqdm",
         "matplotlib",
     ],

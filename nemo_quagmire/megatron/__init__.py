@@ -1,1 +1,1 @@
-"""The Megatron engine: the only package that imports megatron.core."""
+"""The Megatron engine: the only package importing megatron.core (lazily: its modules import without it)."""

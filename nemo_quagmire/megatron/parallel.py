@@ -1,0 +1,260 @@
+"""Distributed start-up and tear-down: process groups, megatron parallel state, seeds.
+
+A bad layout (8 heads on TP=3, 30 layers on PP=4, 6 GPUs for TP=4) makes megatron fail late and obscurely:
+an assertion inside a layer constructor, or a hang when ranks disagree. :func:`validate_layout` therefore runs
+on the configs alone, before any process group exists, and says which numbers clash and how to fix them.
+
+The backend follows the hardware: NCCL with CUDA, gloo without (then the CPU compatibility layer in
+``compat`` is switched on). Context parallelism needs Transformer Engine attention, so it is refused on gloo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import random
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from nemo_quagmire.config.model import ModelConfig
+from nemo_quagmire.megatron import compat
+from nemo_quagmire.utils.logging import get_logger
+
+__all__ = [
+    "Layout",
+    "ParallelConfig",
+    "destroy_parallel",
+    "initialize_parallel",
+    "parallel_context",
+    "set_random_seed",
+    "validate_layout",
+]
+
+logger = get_logger(__name__)
+
+
+class ParallelConfig(BaseModel):
+    """How the model and the batch are split over ranks. world = TP x PP x CP x DP."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tensor_model_parallel_size: PositiveInt = Field(default=1, description="Ranks splitting each layer.")
+    pipeline_model_parallel_size: PositiveInt = Field(default=1, description="Ranks splitting the layers.")
+    context_parallel_size: PositiveInt = Field(
+        default=1, description="Ranks splitting each sequence (needs Transformer Engine attention)."
+    )
+    data_parallel_size: PositiveInt | None = Field(
+        default=None, description="Model replicas; None = whatever the world size leaves (checked if set)."
+    )
+    sequence_parallel: bool = Field(
+        default=False, description="Shard activations along the sequence inside TP regions (TE only)."
+    )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A validated layout with the data-parallel size resolved."""
+
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+
+def validate_layout(
+    model_cfg: ModelConfig,
+    parallel_cfg: ParallelConfig,
+    world_size: int,
+    *,
+    backend: Literal["nccl", "gloo"] | None = None,
+) -> Layout:
+    """Check that ``model_cfg`` splits evenly under ``parallel_cfg`` on ``world_size`` ranks.
+
+    Megatron's rules: attention heads, query groups (``num_query_groups % TP == 0``), the MLP width and the
+    vocabulary split over TP; layers split over PP; TP x PP x CP divides the world size.
+
+    Args:
+        model_cfg: the model.
+        parallel_cfg: the requested split.
+        world_size: number of processes that will run.
+        backend: the process-group backend when known; ``"gloo"`` refuses context parallelism.
+
+    Returns:
+        The layout with the data-parallel size filled in.
+
+    Raises:
+        ValueError: every violated rule, one per line, each naming the values and a fix.
+    """
+    tp = parallel_cfg.tensor_model_parallel_size
+    pp = parallel_cfg.pipeline_model_parallel_size
+    cp = parallel_cfg.context_parallel_size
+    problems: list[str] = []
+    for what, value in (
+        ("num_attention_heads", model_cfg.num_attention_heads),
+        ("num_query_groups (KV heads)", model_cfg.query_groups),
+        ("ffn_hidden_size", model_cfg.ffn_hidden_size),
+    ):
+        if value % tp:
+            problems.append(
+                f"{what}={value} is not divisible by tensor_model_parallel_size={tp}; choose TP among its "
+                f"divisors {_divisors(value)}"
+            )
+    if model_cfg.vocab_size % tp:
+        padded = -(-model_cfg.vocab_size // tp) * tp
+        problems.append(
+            f"vocab_size={model_cfg.vocab_size} is not divisible by tensor_model_parallel_size={tp}; pad the "
+            f"embedding table to {padded} rows (extra ids never appear in data) or choose TP among "
+            f"{_divisors(model_cfg.vocab_size)}"
+        )
+    if model_cfg.num_layers % pp:
+        problems.append(
+            f"num_layers={model_cfg.num_layers} is not divisible by pipeline_model_parallel_size={pp}; "
+            f"choose PP among {_divisors(model_cfg.num_layers)}"
+        )
+    if cp > 1 and backend == "gloo":
+        problems.append(
+            f"context_parallel_size={cp} is unsupported on gloo/CPU: megatron-core runs context parallelism "
+            "only in Transformer Engine attention (CUDA); set context_parallel_size: 1"
+        )
+    if parallel_cfg.sequence_parallel and backend == "gloo":
+        problems.append(
+            "sequence_parallel=True needs Transformer Engine (CUDA); set sequence_parallel: false"
+        )
+    model_parallel = tp * pp * cp
+    dp = parallel_cfg.data_parallel_size
+    if world_size % model_parallel:
+        problems.append(
+            f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = "
+            f"{model_parallel}; launch a multiple of {model_parallel} processes or change the split"
+        )
+    elif dp is not None and dp * model_parallel != world_size:
+        problems.append(
+            f"data_parallel_size={dp} but world size {world_size} / (TP x PP x CP = {model_parallel}) = "
+            f"{world_size // model_parallel}; leave data_parallel_size unset or launch "
+            f"{dp * model_parallel} processes"
+        )
+    if problems:
+        raise ValueError("invalid parallel layout:\n  " + "\n  ".join(problems))
+    return Layout(tp=tp, pp=pp, cp=cp, dp=world_size // model_parallel)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
+
+
+def set_random_seed(seed: int) -> None:
+    """Seed python, numpy, torch and megatron's model-parallel RNG tracker, Megatron-LM style.
+
+    Each pipeline stage gets ``seed + 100 * pp_rank`` (stages hold different layers); tensor-parallel ranks
+    share the seed, so CPU-initialised weights match the TP=1 model; the tracker gives TP ranks distinct
+    dropout streams. Call after megatron's parallel state is initialised.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    stage_seed = seed + 100 * ps.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def initialize_parallel(
+    model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, seed: int = 1234, timeout_minutes: int = 30
+) -> Layout:
+    """Validate the layout, then create the process group (if needed) and megatron's parallel state.
+
+    Reads the world from the launcher (torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``); without a
+    launcher it starts a one-process world on a free local port. A process group that already exists is
+    reused (so a job can switch layouts: :func:`destroy_parallel` then ``initialize_parallel`` again).
+
+    Returns:
+        The validated layout.
+
+    Raises:
+        ValueError: the layout does not fit (see :func:`validate_layout`).
+    """
+    cuda = torch.cuda.is_available()
+    backend: Literal["nccl", "gloo"] = "nccl" if cuda else "gloo"
+    launched = "WORLD_SIZE" in os.environ
+    if dist.is_initialized():
+        world_size = dist.get_world_size()
+    else:
+        world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
+    layout = validate_layout(model_cfg, parallel_cfg, world_size, backend=backend)
+    if not cuda:
+        compat.activate()
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if launched:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+                timeout=timeout,
+            )
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    set_random_seed(seed)
+    logger.info(
+        "parallel state: world %d = TP %d x PP %d x CP %d x DP %d on %s",
+        world_size,
+        layout.tp,
+        layout.pp,
+        layout.cp,
+        layout.dp,
+        backend,
+    )
+    return layout
+
+
+def destroy_parallel(destroy_process_group: bool = True) -> None:
+    """Tear down megatron's parallel state and, if asked, the default process group (idempotent)."""
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    if destroy_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def parallel_context(
+    model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, seed: int = 1234, timeout_minutes: int = 30
+) -> Iterator[Layout]:
+    """``initialize_parallel`` on entry; on exit tear down what it created (the process group only if it was
+    not there before)."""
+    owns_group = not dist.is_initialized()
+    layout = initialize_parallel(model_cfg, parallel_cfg, seed=seed, timeout_minutes=timeout_minutes)
+    try:
+        yield layout
+    finally:
+        destroy_parallel(destroy_process_group=owns_group)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,110 @@
+"""validate_layout: every megatron divisibility rule fails before any process group exists, naming the fix."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from nemo_quagmire.config.model import get_model_preset
+from nemo_quagmire.megatron.parallel import Layout, ParallelConfig, validate_layout
+
+TINY = get_model_preset("tiny")  # 4 layers, 4 heads, 2 query groups, ffn 344, vocab 100
+
+
+def _parallel(
+    tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None, sp: bool = False
+) -> ParallelConfig:
+    return ParallelConfig(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        data_parallel_size=dp,
+        sequence_parallel=sp,
+    )
+
+
+@pytest.mark.parametrize(
+    ("world", "parallel", "expected"),
+    [
+        (1, _parallel(), Layout(tp=1, pp=1, cp=1, dp=1)),
+        (8, _parallel(tp=2, pp=2), Layout(tp=2, pp=2, cp=1, dp=2)),
+        (4, _parallel(tp=2, dp=2), Layout(tp=2, pp=1, cp=1, dp=2)),
+    ],
+)
+def test_valid_layouts_resolve_the_data_parallel_size(world, parallel, expected):
+    assert validate_layout(TINY, parallel, world) == expected
+    assert expected.world_size == world
+
+
+@pytest.mark.parametrize(
+    ("model", "parallel", "world", "backend", "fragments"),
+    [
+        (
+            TINY.replace(num_query_groups=1),
+            _parallel(tp=2),
+            2,
+            None,
+            ["num_query_groups (KV heads)=1 is not divisible by tensor_model_parallel_size=2", "[1]"],
+        ),
+        (
+            TINY.replace(num_attention_heads=2, num_query_groups=2, kv_channels=64),
+            _parallel(tp=4),
+            4,
+            None,
+            ["num_attention_heads=2 is not divisible by tensor_model_parallel_size=4"],
+        ),
+        (
+            TINY,
+            _parallel(pp=3),
+            3,
+            None,
+            ["num_layers=4 is not divisible by pipeline_model_parallel_size=3", "[1, 2, 4]"],
+        ),
+        (
+            TINY.replace(vocab_size=101),
+            _parallel(tp=2),
+            2,
+            None,
+            ["vocab_size=101", "pad the embedding table to 102"],
+        ),
+        (
+            TINY.replace(ffn_hidden_size=343),
+            _parallel(tp=2),
+            2,
+            None,
+            ["ffn_hidden_size=343 is not divisible by tensor_model_parallel_size=2", "[1, 7, 49]"],
+        ),
+        (TINY, _parallel(tp=2), 3, None, ["world size 3 is not divisible by TP x PP x CP = 2 x 1 x 1 = 2"]),
+        (
+            TINY,
+            _parallel(tp=2, dp=2),
+            2,
+            None,
+            ["data_parallel_size=2 but world size 2", "launch 4 processes"],
+        ),
+        (TINY, _parallel(cp=2), 2, "gloo", ["context_parallel_size=2 is unsupported on gloo"]),
+        (TINY, _parallel(tp=2, sp=True), 2, "gloo", ["sequence_parallel=True needs Transformer Engine"]),
+    ],
+)
+def test_invalid_layouts_name_values_and_fix(model, parallel, world, backend, fragments):
+    with pytest.raises(ValueError) as info:
+        validate_layout(model, parallel, world, backend=backend)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_all_problems_are_reported_together():
+    with pytest.raises(ValueError) as info:
+        validate_layout(TINY.replace(vocab_size=101), _parallel(tp=2, pp=3), 5)
+    assert str(info.value).count("\n") == 3  # vocab, layers, world size
+
+
+def test_context_parallel_is_allowed_on_nccl():
+    assert validate_layout(TINY, _parallel(cp=2), 2, backend="nccl").cp == 2
+
+
+def test_parallel_config_rejects_unknown_and_nonpositive_fields():
+    with pytest.raises(pydantic.ValidationError, match="tensor_parallel_size"):
+        ParallelConfig(tensor_parallel_size=2)
+    with pytest.raises(pydantic.ValidationError):
+        ParallelConfig(pipeline_model_parallel_size=0)
