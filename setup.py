@@ -27,6 +27,7 @@ setup(
         "safetensors",  # HF checkpoint import/export (nemo_quagmire.megatron.hf)
         "tqdm",
         "matplotlib",
+        "tensorboard",
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis", "ruff", "transformers>=4.57"],

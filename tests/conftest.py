@@ -4,6 +4,7 @@ and skip, saying why, where neither exists (a user's fresh clone)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def megatron_world1() -> Iterator[None]:
+    """Megatron parallel state for one process (gloo on CPU, TP = PP = CP = DP = 1), seeded with 1234.
+
+    Megatron's parallel state is process-global, so it is created once per session and torn down at the end.
+    """
+    import torch.distributed as dist
+
+    from nemo_quagmire.config.model import get_model_preset
+    from nemo_quagmire.megatron.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+
+    owns_group = not dist.is_initialized()
+    initialize_parallel(get_model_preset("tiny"), ParallelConfig(), seed=1234)
+    yield
+    destroy_parallel(destroy_process_group=owns_group)

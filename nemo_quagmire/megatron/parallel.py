@@ -258,3 +258,33 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def data_parallel_rank_and_size() -> tuple[int, int]:
+    """This rank's data-parallel index and the data-parallel size ((0, 1) before parallel start-up)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 0, 1
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+
+def all_reduce_sum_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` summed over data-parallel ranks (identity with one rank)."""
+    from megatron.core import parallel_state as ps
+
+    result = tensor.clone()
+    if ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(result, group=ps.get_data_parallel_group())
+    return result
+
+
+def all_gather_objects_data_parallel(obj: object) -> list[object]:
+    """Every data-parallel rank's picklable ``obj``, in rank order (``[obj]`` with one rank)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps.get_data_parallel_world_size() == 1:
+        return [obj]
+    gathered: list[object] = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(gathered, obj, group=ps.get_data_parallel_group())
+    return gathered

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 _ROOT = "nemo_quagmire"
 
@@ -44,3 +45,11 @@ def configure_logging(level: int | str = logging.INFO) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # megatron-core logs every parameter name and its whole optimizer config at INFO on each model build, and
+    # it and torch.distributed warn about CPU fallbacks and their own deprecations on every call: noise to a
+    # user of this project.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    for module in ("megatron", "torch.distributed", "torch.jit"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)

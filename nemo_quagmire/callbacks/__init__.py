@@ -1,0 +1,1 @@
+"""Training callbacks: the Pass@k evaluator and the held-out-loss callback."""

@@ -1,0 +1,266 @@
+"""Typed configuration of a GRPO run: one schema per component, composed into `GRPORunConfig`.
+
+Hydra composes the YAML in conf/ (`python scripts/train_grpo.py --config-name=nemo12b key=value ...`); the
+result is validated here before anything heavy starts, so a typo'd key or an impossible value stops the run
+with the key, the value and the fix (`extra="forbid"` everywhere).
+
+Defaults follow the common published GRPO settings (the paper does not list its own): group size 8,
+clip 0.2 / 0.28 (DAPO's clip-higher), no KL penalty, token-mean aggregation, lr 1e-6 on 4-12B models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+from nemo_quagmire.algorithms.losses import AggMode, KLEstimator
+from nemo_quagmire.config.model import ModelConfig, get_model_preset
+from nemo_quagmire.data.synthetic import SyntheticTaskConfig
+from nemo_quagmire.megatron.parallel import ParallelConfig
+from nemo_quagmire.megatron.train_step import OptimConfig
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "GRPOConfig",
+    "GRPORunConfig",
+    "LoggingConfig",
+    "RolloutConfig",
+    "SFTWarmupConfig",
+    "ValidationConfig",
+    "VLLMConfig",
+    "compose_run_config",
+]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GRPOConfig(_Config):
+    """The algorithm: how many samples, which advantages, which loss."""
+
+    prompts_per_step: PositiveInt = Field(default=16, description="Prompts per rollout batch (all DP ranks).")
+    group_size: PositiveInt = Field(default=8, description="Completions per prompt (G); 8-16 is usual.")
+    advantage_estimator: str = Field(
+        default="grpo", description="grpo | dr_grpo | rloo (or a registered one)."
+    )
+    advantage_eps: PositiveFloat = 1e-6
+    clip_low: float = Field(
+        default=0.2, ge=0.0, lt=1.0, description="PPO clip below 1 (ratio >= 1 - clip_low)."
+    )
+    clip_high: float = Field(default=0.28, ge=0.0, description="Clip above 1; DAPO's clip-higher uses 0.28.")
+    dual_clip: float | None = Field(default=None, gt=1.0, description="Dual-clip c for negative advantages.")
+    loss_agg: AggMode = "token-mean"
+    token_sum_normalizer: PositiveInt | None = Field(
+        default=None, description="Dr.GRPO's constant for seq-mean-token-sum-norm (e.g. the max new tokens)."
+    )
+    kl_coef: NonNegativeFloat = Field(default=0.0, description="Reference-KL weight; 0 = no reference model.")
+    kl_estimator: KLEstimator = "k3"
+    num_minibatches: PositiveInt = Field(
+        default=1, description="Policy updates per rollout batch (1 = on-policy, ratio exactly 1)."
+    )
+    micro_batch_size: PositiveInt = Field(default=32, description="Rows per forward/backward micro-batch.")
+    dynamic_sampling: bool = Field(
+        default=False, description="Drop groups whose rewards are all equal (DAPO); they carry no gradient."
+    )
+    mask_truncated: bool = Field(
+        default=False, description="Exclude completions cut at max_new_tokens from the loss (DAPO overlong)."
+    )
+    tis_cap: PositiveFloat | None = Field(
+        default=None,
+        description="Truncated importance-sampling cap for rollout/trainer log-prob mismatch (vLLM, FP8 "
+        "rollouts); 2.0 is common. None = off (right for the in-process engine, whose log-probs match).",
+    )
+    format_reward: float = Field(
+        default=0.0, description="Added to the reward when a \\boxed{} answer exists."
+    )
+    max_consecutive_nonfinite: PositiveInt = Field(
+        default=3, description="Abort after this many steps in a row with a NaN/Inf loss (each is skipped)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GRPOConfig:
+        if self.loss_agg == "seq-mean-token-sum-norm" and self.token_sum_normalizer is None:
+            raise ValueError(
+                "grpo.loss_agg=seq-mean-token-sum-norm needs grpo.token_sum_normalizer (Dr.GRPO's constant, "
+                "e.g. rollout.max_new_tokens)"
+            )
+        if self.loss_agg != "seq-mean-token-sum-norm" and self.token_sum_normalizer is not None:
+            raise ValueError(
+                f"grpo.token_sum_normalizer only applies to loss_agg=seq-mean-token-sum-norm, not "
+                f"{self.loss_agg!r}; remove it"
+            )
+        if self.group_size < 2:
+            raise ValueError(
+                f"grpo.group_size={self.group_size}: GRPO compares completions of the same prompt, so a "
+                "group needs at least 2 (8-16 is usual)"
+            )
+        return self
+
+
+class VLLMConfig(_Config):
+    """vLLM rollouts (production): the policy's weights are pushed after every update."""
+
+    tensor_parallel_size: PositiveInt = 1
+    gpu_memory_utilization: float = Field(default=0.35, gt=0.0, lt=1.0)
+    colocated: bool = Field(default=True, description="Share the training GPUs (sleep between rollouts).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    enforce_eager: bool = False
+
+
+class RolloutConfig(_Config):
+    """How completions are sampled."""
+
+    engine: Literal["megatron", "vllm"] = Field(
+        default="megatron",
+        description="megatron = in-process on the policy (CPU default); vllm = production.",
+    )
+    temperature: PositiveFloat = 1.0
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_new_tokens: PositiveInt = 64
+    max_prompt_tokens: PositiveInt = Field(
+        default=1024, description="Longest prompt in tokens (sizes the KV cache and the memory plan)."
+    )
+    vllm: VLLMConfig = VLLMConfig()
+
+
+class DataConfig(_Config):
+    """Where prompts come from: the embedded synthetic task, or a JSONL of {problem, answer} math prompts."""
+
+    task: Literal["synthetic", "jsonl"] = "synthetic"
+    synthetic: SyntheticTaskConfig = SyntheticTaskConfig()
+    num_sft: PositiveInt = Field(default=20000, description="Synthetic SFT examples (warm-up).")
+    num_rl: PositiveInt = Field(default=4000, description="Synthetic RL prompts.")
+    num_heldout: PositiveInt = Field(default=256, description="Synthetic held-out problems (validation).")
+    train_file: str | None = Field(default=None, description="JSONL of {id, problem, answer} for task=jsonl.")
+    tokenizer: str | None = Field(
+        default=None, description="HF tokenizer directory for task=jsonl; the synthetic task has its own."
+    )
+    prompt_template: Literal["plain", "chat"] = "chat"
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.task == "jsonl" and (self.train_file is None or self.tokenizer is None):
+            raise ValueError(
+                "data.task=jsonl needs data.train_file (JSONL of {id, problem, answer}) and data.tokenizer "
+                "(a local HF tokenizer directory)"
+            )
+        return self
+
+
+class SFTWarmupConfig(_Config):
+    """A short SFT on the task before GRPO (the embedded default starts from a random tiny model)."""
+
+    steps: NonNegativeInt = Field(default=0, description="0 = none (start from checkpoint.load_from).")
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 1e-3
+
+
+class CheckpointConfig(_Config):
+    """Checkpoints under `<run_dir>/checkpoints/step_N`, written atomically."""
+
+    interval: PositiveInt = Field(default=50, description="Save every N steps (and at the end).")
+    keep_last: PositiveInt = Field(default=2, description="Checkpoints kept; older ones are deleted.")
+    resume: Literal["auto", "never"] = Field(
+        default="auto", description="auto = continue from the newest checkpoint of run_dir if there is one."
+    )
+    load_from: str | None = Field(
+        default=None, description="Initial weights: an HF directory (config.json + safetensors)."
+    )
+
+
+class ValidationConfig(_Config):
+    """Held-out pass@k of the policy, at the start, every `interval` steps and at the end."""
+
+    interval: PositiveInt = 10
+    num_problems: PositiveInt = Field(default=128, description="Held-out problems per benchmark.")
+    num_samples: PositiveInt = Field(default=4, description="Samples per problem (n).")
+    temperature: NonNegativeFloat = Field(default=1.0, description="Sampling temperature (0 = greedy).")
+    benchmarks: tuple[str, ...] = Field(
+        default=("synthetic",), description="'synthetic' and/or benchmark names from the benchmarks dir."
+    )
+    benchmarks_dir: str | None = Field(default=None, description="Default: $NEMO_QUAGMIRE_BENCHMARKS_DIR.")
+
+
+class LoggingConfig(_Config):
+    tensorboard: bool = True
+    wandb: dict[str, Any] | None = Field(default=None, description="Kwargs of wandb.init; None = off.")
+    mlflow: dict[str, Any] | None = Field(default=None, description="{experiment: name}; None = off.")
+    progress_bar: bool = True
+
+
+class GRPORunConfig(_Config):
+    """Everything a GRPO run needs. `model` is a preset name plus overrides, or a full model config."""
+
+    run_dir: str = "runs/grpo-tiny"
+    seed: int = 1234
+    max_steps: PositiveInt = 100
+    dry_run: bool = Field(default=False, description="Validate, print layout and memory plan, exit.")
+    gpus_per_node: PositiveInt = Field(default=8, description="For the layout and memory plan.")
+    model: ModelConfig
+    parallel: ParallelConfig = ParallelConfig()
+    optim: OptimConfig = OptimConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    data: DataConfig = DataConfig()
+    sft_warmup: SFTWarmupConfig = SFTWarmupConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    validation: ValidationConfig = ValidationConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_from_preset(cls, value: Any) -> Any:
+        """`{preset: tiny, num_layers: 2}` -> the tiny preset with num_layers=2."""
+        if isinstance(value, dict) and "preset" in value:
+            overrides = {k: v for k, v in value.items() if k != "preset"}
+            try:
+                preset = get_model_preset(value["preset"])
+            except KeyError as err:
+                raise ValueError(err.args[0]) from None
+            return preset.replace(**overrides)
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> GRPORunConfig:
+        if self.grpo.dynamic_sampling and self.grpo.num_minibatches > 1:
+            raise ValueError(
+                "grpo.dynamic_sampling with grpo.num_minibatches > 1 is not supported: the kept rows vary "
+                "per step and cannot be split evenly; use num_minibatches=1"
+            )
+        return self
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (editable installs)
+
+
+def compose_run_config(
+    config_name: str, overrides: Sequence[str] = (), config_dir: str | Path = CONF_DIR
+) -> GRPORunConfig:
+    """The validated run config that `scripts/train_grpo.py --config-name=NAME OVERRIDES...` would use.
+
+    Raises:
+        pydantic.ValidationError: a bad key or value (format it with `config.errors.format_validation_error`).
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        raw = compose(config_name=config_name, overrides=list(overrides))
+    container = OmegaConf.to_container(raw, resolve=True)
+    container.pop("hydra", None)
+    return GRPORunConfig.model_validate(container)

@@ -1,0 +1,1 @@
+"""Training loops (GRPO; SFT) and what they share: callbacks, metric logging, stage timing."""

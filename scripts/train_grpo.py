@@ -1,0 +1,64 @@
+"""GRPO training with verifiable math rewards on the Megatron engine.
+
+    python scripts/train_grpo.py                              # embedded default (conf/tiny.yaml), CPU
+    python scripts/train_grpo.py --config-name=nemo12b        # Mistral-NeMo-12B on 8xH100 nodes (torchrun)
+    python scripts/train_grpo.py --config-name=nemo12b dry_run=true   # plan only: layout and memory, no GPU
+    python scripts/train_grpo.py max_steps=20 grpo.group_size=4       # Hydra overrides
+
+Multi-process runs go through torchrun (`torchrun --nproc-per-node 8 scripts/train_grpo.py ...`).
+Config errors name the key, the value and the fix, and exit with code 2 before anything starts.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from pydantic import ValidationError
+
+from nemo_quagmire.config.errors import format_validation_error
+from nemo_quagmire.config.grpo import GRPORunConfig
+from nemo_quagmire.utils.logging import configure_logging, get_logger
+
+logger = get_logger("scripts.train_grpo")
+
+
+def run(cfg: GRPORunConfig) -> int:
+    """Plan (dry run) or train; returns the exit code."""
+    if cfg.dry_run:
+        from nemo_quagmire.plan.grpo import plan_grpo_run
+
+        try:
+            report, fits = plan_grpo_run(cfg)
+        except ValueError as error:
+            print(f"invalid GRPO config: {error}", file=sys.stderr)
+            return 2
+        print(report)  # the plan is the output of a dry run
+        return 0 if fits else 1
+    from nemo_quagmire.megatron.parallel import parallel_context
+    from nemo_quagmire.trainer.build import build_grpo_trainer
+
+    with parallel_context(cfg.model, cfg.parallel, seed=cfg.seed):
+        trainer = build_grpo_trainer(cfg)
+        trainer.fit()
+    return 0
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="tiny")
+def main(raw: DictConfig) -> None:
+    configure_logging()
+    container = OmegaConf.to_container(raw, resolve=True)
+    try:
+        cfg = GRPORunConfig.model_validate(container)
+    except ValidationError as error:
+        print(format_validation_error(error, "GRPO config"), file=sys.stderr)
+        sys.exit(2)
+    except (ValueError, KeyError) as error:  # e.g. an unknown model preset
+        print(f"invalid GRPO config: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(run(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The GRPO loop end to end on the tiny model in one process: stages, metrics, checkpoints, callbacks,
+non-finite handling. (Exact resume after SIGKILL is tested on the real entry point in
+tests/scripts/test_train_grpo.py.)"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from nemo_quagmire.config.grpo import GRPORunConfig
+from nemo_quagmire.trainer.build import build_grpo_trainer
+from nemo_quagmire.trainer.callbacks import Callback
+from nemo_quagmire.trainer.grpo import NonFiniteLossError
+from nemo_quagmire.trainer.metrics import read_metrics
+
+
+def tiny_run(run_dir, **sections) -> GRPORunConfig:
+    """A run small enough for a unit test: 2 layers, 4 prompts x 4 samples, short completions."""
+    config = {
+        "run_dir": str(run_dir),
+        "max_steps": 2,
+        "model": {"preset": "tiny", "vocab_size": 28, "max_position_embeddings": 128, "num_layers": 2},
+        "optim": {"lr": 5e-5, "use_distributed_optimizer": False},
+        "grpo": {"prompts_per_step": 4, "group_size": 4, "micro_batch_size": 16},
+        "rollout": {"max_new_tokens": 24, "max_prompt_tokens": 16},
+        "data": {"num_sft": 64, "num_rl": 16, "num_heldout": 8},
+        "sft_warmup": {"steps": 2, "batch_size": 8},
+        "validation": {"interval": 1, "num_problems": 4, "num_samples": 2},
+        "checkpoint": {"interval": 1, "keep_last": 1},
+        "logging": {"tensorboard": False, "progress_bar": False},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
+    return GRPORunConfig.model_validate(config)
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def on_train_start(self, handle):
+        self.events.append(f"start@{handle.step}")
+
+    def on_validation(self, handle):
+        self.events.append(f"validation@{handle.step}")
+        return {}
+
+    def on_step_end(self, handle, metrics):
+        self.events.append(f"step@{handle.step}")
+
+    def on_checkpoint(self, handle, path):
+        self.events.append(f"checkpoint:{path.name}")
+
+    def on_train_end(self, handle):
+        self.events.append(f"end@{handle.step}")
+
+
+def test_two_steps_log_bounded_metrics_save_checkpoints_and_call_every_hook(tmp_path, megatron_world1):
+    recorder = Recorder()
+    trainer = build_grpo_trainer(tiny_run(tmp_path), extra_callbacks=[recorder])
+    last = trainer.fit()
+
+    assert recorder.events == [
+        "start@0",
+        "validation@0",
+        "step@1",
+        "validation@1",
+        "checkpoint:step_00000001",
+        "step@2",
+        "validation@2",
+        "checkpoint:step_00000002",
+        "end@2",
+    ]
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    train = [r for r in records if "train/reward_mean" in r]
+    val = [r for r in records if "val/macro/pass@1" in r]
+    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in val] == [0, 1, 2]
+    for record in train:
+        assert 0.0 <= record["train/reward_mean"] <= 1.0
+        assert 0 < record["train/response_length"] <= 24
+        assert record["train/num_tokens"] > 0 and record["train/update_successful"] == 1.0
+        assert record["train/ratio_mean"] == pytest.approx(1.0)  # on-policy: one update per rollout
+        stages = {k for k in record if k.startswith("timing/")}
+        assert {"timing/generate", "timing/reward", "timing/train", "timing/step"} <= stages
+    for record in val:
+        assert 0.0 <= record["val/synthetic_arith/pass@1"] <= record["val/synthetic_arith/pass@2"] <= 1.0
+        assert record["val/macro/pass@2"] == record["val/synthetic_arith/pass@2"]
+    assert last["train/lr"] == pytest.approx(5e-5)
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000002"]  # keep_last=1 pruned step 1
+    assert (tmp_path / "sft_warmup" / "step_00000002").is_dir()
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path, megatron_world1, monkeypatch, caplog):
+    import nemo_quagmire.megatron.train_step as train_step_module
+
+    def nan_step(trainer, micro_batches, loss_fn, *, temperature=1.0):
+        return {"loss": math.nan, "grad_norm": math.nan, "lr": 0.0, "update_successful": 0.0}
+
+    monkeypatch.setattr(train_step_module, "train_step", nan_step)
+    cfg = tiny_run(
+        tmp_path,
+        max_steps=5,
+        sft_warmup={"steps": 0},
+        grpo={"max_consecutive_nonfinite": 2},
+        validation={"interval": 100},
+    )
+    trainer = build_grpo_trainer(cfg)
+    with pytest.raises(NonFiniteLossError, match="2 steps in a row.*max_consecutive_nonfinite=2"):
+        trainer.fit()
+    assert "non-finite loss or gradient (1 in a row); the update was skipped" in caplog.text
+    assert trainer.step == 1  # step 1 was skipped and counted; step 2 aborted
+
+
+def test_a_model_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path):
+    cfg = tiny_run(tmp_path, model={"preset": "tiny", "vocab_size": 16, "max_position_embeddings": 128})
+    with pytest.raises(ValueError, match="model.vocab_size=16 .* set model.vocab_size=28"):
+        build_grpo_trainer(cfg)
