@@ -201,7 +201,7 @@ class GRPOTrainer:
     def _rollout_engine(self) -> RolloutEngine:
         rollout = self.cfg.rollout
         if rollout.engine == "megatron":
-            from nemo_quagmire.rollout.megatron_engine import MegatronRolloutEngine
+            from nemo_quagmire.megatron.rollout_engine import MegatronRolloutEngine
 
             return MegatronRolloutEngine(
                 self.trainer.model,
