@@ -30,7 +30,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis", "ruff", "transformers>=4.57"],
+        "dev": ["pytest>=8", "hypothesis", "ruff", "transformers>=4.57", "scikit-learn"],
         "gpu": ["transformer-engine[pytorch]", "vllm"],
         "nemo": ["nemo-toolkit[llm]==2.7.3", "nemo-run", "pyarrow<22", "leptonai<0.47"],
     },

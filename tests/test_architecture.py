@@ -1,5 +1,5 @@
 """Wiring invariants: the pure cores import only torch/numpy/scipy (and the stdlib), and megatron.core is
-imported by nemo_quagmire.megatron alone. Checked on the source (AST), so lazy imports inside functions count."""
+imported by nemo_quagmire.megatron alone. Checked on the source (AST): lazy imports in functions count too."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ CORE_ALLOWED = {
     "rewards": {"math_verify", "latex2sympy2_extended", "sympy"},
     "predict": {"numpy", "scipy"},
 }
+# Rendering modules inside a core package: they draw what the pure modules computed.
+RENDERING_ALLOWED = {"predict/report.py": {"matplotlib"}}
 FRAMEWORKS = {"megatron", "transformer_engine", "vllm", "nemo", "lightning", "pytorch_lightning", "ray"}
 
 
@@ -47,12 +49,13 @@ def test_core_imports_only_allowed_packages(core):
         pytest.skip(f"{core} does not exist yet")
     bad = []
     for path in files:
+        allowed_here = allowed | RENDERING_ALLOWED.get(path.relative_to(PACKAGE).as_posix(), set())
         for name in _imports(path):
             top = name.split(".")[0]
             if top == "nemo_quagmire":
                 if not name.startswith(core_prefixes) and name != "nemo_quagmire":
                     bad.append(f"{path.relative_to(PACKAGE)}: {name}")
-            elif top not in allowed:
+            elif top not in allowed_here:
                 bad.append(f"{path.relative_to(PACKAGE)}: {name}")
     assert not bad, "pure core imports a framework or non-core module:\n" + "\n".join(bad)
 

@@ -20,10 +20,9 @@ from typing import Any
 
 from nemo_quagmire.utils.io import atomic_write
 from nemo_quagmire.utils.logging import get_logger, global_rank
+from nemo_quagmire.utils.metrics_file import METRICS_FILE, read_metrics
 
 logger = get_logger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def _jsonable(value: Any) -> Any:
@@ -32,12 +31,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/Inf; keep them visible as "nan"/"inf"
     return value
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file, in order."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 class MetricsLogger:
