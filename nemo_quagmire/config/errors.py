@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+import sys
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 def format_validation_error(error: ValidationError, source: str = "config") -> str:
@@ -21,3 +26,14 @@ def format_validation_error(error: ValidationError, source: str = "config") -> s
         )
         lines.append(f"  {key}{shown}: {message}")
     return "\n".join(lines)
+
+
+def validate_or_exit(schema: type[ConfigT], container: Any, source: str) -> ConfigT:
+    """`schema.model_validate(container)`, or the problems on stderr and exit code 2 (entry points)."""
+    try:
+        return schema.model_validate(container)
+    except ValidationError as error:
+        print(format_validation_error(error, source), file=sys.stderr)
+    except (ValueError, KeyError) as error:  # e.g. an unknown model preset
+        print(f"invalid {source}: {error}", file=sys.stderr)
+    raise SystemExit(2)

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -27,7 +25,17 @@ from pydantic import (
 )
 
 from nemo_quagmire.algorithms.losses import AggMode, KLEstimator
-from nemo_quagmire.config.model import ModelConfig, get_model_preset
+from nemo_quagmire.config.model import ModelConfig
+from nemo_quagmire.config.run import (
+    CONF_DIR,
+    HELDOUT_MISSING,
+    CheckpointConfig,
+    LoggingConfig,
+    ValidationConfig,
+    compose_config,
+    model_from_preset,
+)
+from nemo_quagmire.config.run import FrozenConfig as _Config
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig
 from nemo_quagmire.megatron.parallel import ParallelConfig
 from nemo_quagmire.megatron.train_step import OptimConfig
@@ -44,10 +52,6 @@ __all__ = [
     "VLLMConfig",
     "compose_run_config",
 ]
-
-
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class GRPOConfig(_Config):
@@ -170,39 +174,6 @@ class SFTWarmupConfig(_Config):
     lr: PositiveFloat = 1e-3
 
 
-class CheckpointConfig(_Config):
-    """Checkpoints under `<run_dir>/checkpoints/step_N`, written atomically."""
-
-    interval: PositiveInt = Field(default=50, description="Save every N steps (and at the end).")
-    keep_last: PositiveInt = Field(default=2, description="Checkpoints kept; older ones are deleted.")
-    resume: Literal["auto", "never"] = Field(
-        default="auto", description="auto = continue from the newest checkpoint of run_dir if there is one."
-    )
-    load_from: str | None = Field(
-        default=None, description="Initial weights: an HF directory (config.json + safetensors)."
-    )
-
-
-class ValidationConfig(_Config):
-    """Held-out pass@k of the policy, at the start, every `interval` steps and at the end."""
-
-    interval: PositiveInt = 10
-    num_problems: PositiveInt = Field(default=128, description="Held-out problems per benchmark.")
-    num_samples: PositiveInt = Field(default=4, description="Samples per problem (n).")
-    temperature: NonNegativeFloat = Field(default=1.0, description="Sampling temperature (0 = greedy).")
-    benchmarks: tuple[str, ...] = Field(
-        default=("synthetic",), description="'synthetic' and/or benchmark names from the benchmarks dir."
-    )
-    benchmarks_dir: str | None = Field(default=None, description="Default: $NEMO_QUAGMIRE_BENCHMARKS_DIR.")
-
-
-class LoggingConfig(_Config):
-    tensorboard: bool = True
-    wandb: dict[str, Any] | None = Field(default=None, description="Kwargs of wandb.init; None = off.")
-    mlflow: dict[str, Any] | None = Field(default=None, description="{experiment: name}; None = off.")
-    progress_bar: bool = True
-
-
 class GRPORunConfig(_Config):
     """Everything a GRPO run needs. `model` is a preset name plus overrides, or a full model config."""
 
@@ -225,15 +196,7 @@ class GRPORunConfig(_Config):
     @field_validator("model", mode="before")
     @classmethod
     def _model_from_preset(cls, value: Any) -> Any:
-        """`{preset: tiny, num_layers: 2}` -> the tiny preset with num_layers=2."""
-        if isinstance(value, dict) and "preset" in value:
-            overrides = {k: v for k, v in value.items() if k != "preset"}
-            try:
-                preset = get_model_preset(value["preset"])
-            except KeyError as err:
-                raise ValueError(err.args[0]) from None
-            return preset.replace(**overrides)
-        return value
+        return model_from_preset(value)
 
     @model_validator(mode="after")
     def _check(self) -> GRPORunConfig:
@@ -242,10 +205,9 @@ class GRPORunConfig(_Config):
                 "grpo.dynamic_sampling with grpo.num_minibatches > 1 is not supported: the kept rows vary "
                 "per step and cannot be split evenly; use num_minibatches=1"
             )
+        if self.validation.heldout_source_missing(synthetic_task=self.data.task == "synthetic"):
+            raise ValueError(HELDOUT_MISSING)
         return self
-
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (editable installs)
 
 
 def compose_run_config(
@@ -256,11 +218,4 @@ def compose_run_config(
     Raises:
         pydantic.ValidationError: a bad key or value (format it with `config.errors.format_validation_error`).
     """
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        raw = compose(config_name=config_name, overrides=list(overrides))
-    container = OmegaConf.to_container(raw, resolve=True)
-    container.pop("hydra", None)
-    return GRPORunConfig.model_validate(container)
+    return compose_config(GRPORunConfig, config_name, overrides, config_dir)

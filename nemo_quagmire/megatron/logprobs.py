@@ -10,6 +10,13 @@ any TP/PP.
 Alignment (the same everywhere in the project): outputs are ``[B, T]`` aligned with ``tokens``;
 ``logprobs[b, t] = log p(tokens[b, t] | tokens[b, :t])`` for ``1 <= t < lengths[b]``. Position 0 (no
 context) and padding positions (``t >= lengths[b]``) are 0. Sequences are right-padded.
+
+Packed rows (SFT sequence packing): a micro-batch may carry ``segment_ids [B, T]`` (1, 2, ... per packed
+example, 0 at padding); the forward pass then attends only within a segment (a block-diagonal causal mask), so
+each example sees exactly the context it would see alone. RoPE is applied at the row's positions, which only
+shifts every query and key of an example by the same offset: attention scores depend on relative positions
+only, so this changes nothing but float rounding. Megatron's local ``DotProductAttention`` applies the mask;
+Transformer Engine's fused attention ignores arbitrary masks (check with :func:`honours_attention_masks`).
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["LogprobOutput", "compute_logprobs", "token_logprobs_from_logits", "vocab_parallel_entropy"]
+__all__ = [
+    "LogprobOutput",
+    "compute_logprobs",
+    "honours_attention_masks",
+    "packed_attention_mask",
+    "token_logprobs_from_logits",
+    "vocab_parallel_entropy",
+]
 
 
 @dataclass(frozen=True)
@@ -91,12 +105,45 @@ def _shift_right(per_position: torch.Tensor) -> torch.Tensor:
     return torch.cat([per_position.new_zeros(per_position.shape[0], 1), per_position[:, :-1]], dim=1)
 
 
-def forward_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """The attention mask of packed rows: causal within each segment, nothing across segments.
+
+    Args:
+        segment_ids: ``[B, T]`` segment of each position (padding is a segment of its own).
+
+    Returns:
+        Bool ``[B, 1, T, T]``, True where query ``q`` must NOT attend to key ``k`` (megatron's convention).
+    """
+    seq = segment_ids.shape[1]
+    future = torch.ones(seq, seq, dtype=torch.bool, device=segment_ids.device).triu(1)  # [T, T]
+    other_segment = segment_ids[:, :, None] != segment_ids[:, None, :]  # [B, T, T]
+    return (other_segment | future)[:, None]
+
+
+def honours_attention_masks(model: Sequence[torch.nn.Module]) -> bool:
+    """Whether every attention layer of the chunks applies an explicit mask: megatron's local
+    ``DotProductAttention`` does; Transformer Engine's fused attention (causal mask type) ignores it."""
+    from megatron.core.transformer.attention import Attention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return all(
+        isinstance(module.core_attention, DotProductAttention)
+        for chunk in model
+        for module in chunk.modules()
+        if isinstance(module, Attention)
+    )
+
+
+def forward_logits(
+    model: torch.nn.Module, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """One forward pass of a model chunk on right-padded ``tokens [B, T]`` (causal attention, so padding
-    never influences real positions). Returns ``[B, T, V / TP]`` logits on the last pipeline stage, hidden
+    never influences real positions); with ``segment_ids [B, T]``, attention stays within each packed
+    segment (see the module docstring). Returns ``[B, T, V / TP]`` logits on the last pipeline stage, hidden
     states elsewhere."""
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    return model(tokens, positions, None)
+    mask = None if segment_ids is None else packed_attention_mask(segment_ids)
+    return model(tokens, positions, mask)
 
 
 def sequence_pad_multiple(model: Sequence[torch.nn.Module]) -> int:
@@ -115,9 +162,14 @@ def run_schedule(
     loss_func_for: Callable[[dict[str, torch.Tensor]], Callable[[torch.Tensor], tuple]],
     *,
     forward_only: bool,
+    variable_shapes: bool = False,
 ) -> list[Any]:
-    """Run megatron's forward(-backward) schedule over ``micro_batches`` (all ``tokens`` of one shape).
+    """Run megatron's forward(-backward) schedule over ``micro_batches``.
 
+    Every micro-batch's ``tokens`` must have one shape, unless ``variable_shapes`` (e.g. length buckets, each
+    padded to its own longest) and there is no pipeline parallelism (stages exchange fixed-shape
+    activations). A micro-batch's ``segment_ids``, if present, restrict attention to packed segments (see
+    the module docstring).
     ``loss_func_for(micro_batch)`` returns the schedule's loss function for that micro-batch's logits.
     Returns what the loss functions reported, on the last pipeline stage (an empty list elsewhere).
     """
@@ -130,22 +182,23 @@ def run_schedule(
             "not handle yet (the next token of a chunk lives on another rank); use context_parallel_size: 1"
         )
     shapes = {tuple(mb["tokens"].shape) for mb in micro_batches}
-    if len(shapes) != 1:
+    if len(shapes) != 1 and not (variable_shapes and ps.get_pipeline_model_parallel_world_size() == 1):
         raise ValueError(
             f"all micro-batches must have the same tokens shape [b, T] (pipeline sends fixed "
             f"shapes), got {sorted(shapes)}; pad them to one shape"
         )
-    (micro_batch_size, seq_length) = shapes.pop()
+    (micro_batch_size, seq_length) = max(shapes)  # what the pipeline schedule sizes its buffers by
     multiple = sequence_pad_multiple(model)
-    if seq_length % multiple:
+    if bad := sorted({length for _, length in shapes if length % multiple}):
         raise ValueError(
-            f"sequence length {seq_length} must be a multiple of {multiple} (sequence parallelism splits it "
+            f"sequence lengths {bad} must be multiples of {multiple} (sequence parallelism splits them "
             "over TP ranks, FP8 GEMMs need multiples of 16); right-pad the tokens"
         )
 
     def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], chunk: torch.nn.Module) -> tuple:
         micro_batch = next(data_iterator)
-        return forward_logits(chunk, micro_batch["tokens"]), loss_func_for(micro_batch)
+        logits = forward_logits(chunk, micro_batch["tokens"], micro_batch.get("segment_ids"))
+        return logits, loss_func_for(micro_batch)
 
     return get_forward_backward_func()(
         forward_step_func=forward_step,

@@ -270,12 +270,17 @@ def data_parallel_rank_and_size() -> tuple[int, int]:
 
 
 def all_reduce_sum_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of ``tensor`` summed over data-parallel ranks (identity with one rank)."""
+    """A copy of ``tensor`` summed over data-parallel ranks (identity with one rank), on ``tensor``'s device
+    (NCCL reduces on the GPU, so a CPU tensor makes the round trip there)."""
     from megatron.core import parallel_state as ps
 
     result = tensor.clone()
     if ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(result, group=ps.get_data_parallel_group())
+        group = ps.get_data_parallel_group()
+        on_gpu = dist.get_backend(group) == "nccl" and result.device.type == "cpu"
+        reduced = result.cuda() if on_gpu else result
+        dist.all_reduce(reduced, group=group)
+        result = reduced.to(tensor.device) if on_gpu else reduced
     return result
 
 

@@ -167,18 +167,21 @@ def train_step(
     loss_fn: LossFn,
     *,
     temperature: float = 1.0,
+    variable_shapes: bool = False,
 ) -> dict[str, float]:
     """Forward/backward over this rank's micro-batches, then one optimizer and LR-scheduler step.
 
     Args:
         trainer: from :func:`setup_training`.
         micro_batches: this data-parallel rank's micro-batches; each a mapping with ``tokens`` (LongTensor
-            ``[b, T]``, right-padded, one shape for all micro-batches) plus whatever ``loss_fn`` reads (on the
-            model's device). Every rank of a TP/PP group passes the same micro-batches.
+            ``[b, T]``, right-padded, one shape for all micro-batches unless ``variable_shapes``), optional
+            ``segment_ids`` (packed rows, see ``logprobs``) plus whatever ``loss_fn`` reads (on the model's
+            device). Every rank of a TP/PP group passes the same micro-batches.
         loss_fn: ``loss_fn(logprobs [b, T], micro_batch) -> (scalar loss, metrics)``, the loss normalised by
             global counts (module docstring). Padding positions of ``logprobs`` are not masked: the loss's
             own mask must exclude them.
         temperature: logits are divided by it before the log-softmax (the sampling temperature).
+        variable_shapes: allow micro-batches of different shapes (only without pipeline parallelism).
 
     Returns:
         On every rank: ``loss`` and each ``loss_fn`` metric summed over micro-batches and DP ranks;
@@ -207,7 +210,9 @@ def train_step(
 
         return loss_func
 
-    reported = run_schedule(trainer.model, micro_batches, loss_func_for, forward_only=False)
+    reported = run_schedule(
+        trainer.model, micro_batches, loss_func_for, forward_only=False, variable_shapes=variable_shapes
+    )
     lr = trainer.optimizer.param_groups[0]["lr"]
     update_successful, grad_norm, _ = trainer.optimizer.step()
     if update_successful:

@@ -80,7 +80,7 @@ class AnswerChecker(Protocol):
         """Whether `answer` (an extracted final answer) is equivalent to the gold."""
 
 
-def grade_chunk(checker: AnswerChecker, gold: str, answers: Sequence[str]) -> Iterator[tuple[int, str]]:
+def _grade_chunk(checker: AnswerChecker, gold: str, answers: Sequence[str]) -> Iterator[tuple[int, str]]:
     """Check one chunk: yields `(_GOLD_PARSED, "")` once the gold is parsed, then `(i, reason)` per answer.
 
     Reasons are "correct", "wrong", "timeout" (the checker's own time limit) or "error". If the gold cannot
@@ -127,7 +127,7 @@ class InlineRunner:
                 "work only in the main thread: call it from the main thread or use num_workers >= 1"
             )
         for chunk_index, (gold, answers) in enumerate(chunks):
-            for index, reason in grade_chunk(self._checker, gold, answers):
+            for index, reason in _grade_chunk(self._checker, gold, answers):
                 if index >= 0:
                     on_result(chunk_index, index, reason)
 
@@ -166,9 +166,6 @@ class WorkerPool:
         timeout_s: per-item deadline in seconds: the gold parse and each answer each get this long.
         start_method: multiprocessing start method (see the module docstring for why "forkserver").
         startup_timeout_s: how long a worker may take to import and set up before the pool gives up.
-
-    Attributes:
-        restarts: workers replaced so far (after a timeout or a crash).
     """
 
     def __init__(
@@ -190,7 +187,6 @@ class WorkerPool:
         self._context = multiprocessing.get_context(start_method)
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
-        self.restarts = 0
         for _ in range(num_workers):
             self._workers.append(self._start_worker())
 
@@ -323,7 +319,6 @@ class WorkerPool:
             logger.warning("idle grading worker %d exited (%s); replacing it", worker.process.pid, reason)
         _stop(worker, kill=True)
         self._workers[slot] = self._start_worker()
-        self.restarts += 1
 
     def _start_worker(self) -> _Worker:
         parent_conn, child_conn = self._context.Pipe()
@@ -348,9 +343,9 @@ def _worker_main(conn: Connection, checker: AnswerChecker) -> None:
         conn.send((_READY, ""))
         while (task := conn.recv()) is not None:
             gold, answers = task
-            for message in grade_chunk(checker, gold, answers):
+            for message in _grade_chunk(checker, gold, answers):
                 conn.send(message)
-    except (EOFError, BrokenPipeError):
+    except (EOFError, OSError):
         pass  # the parent closed the pipe or died
 
 

@@ -1,10 +1,11 @@
 """The GRPO loop: prompts -> G completions each -> rewards -> advantages -> policy updates -> metrics.
 
 Each step is a short sequence of named, timed stages (`generate`, `reward`, `logprobs`, `train`,
-`weight_sync`); the math lives in `nemo_quagmire.algorithms` and the engine in `nemo_quagmire.megatron`, so
-this file only orchestrates. Rollouts come from a `RolloutEngine` (in-process on the policy by default, vLLM
-in production), rewards from the project's grader, and validation from callbacks that see the policy through
-a `PolicyHandle`.
+`weight_sync`); the math lives in `nemo_quagmire.algorithms`, the engine in `nemo_quagmire.megatron` and the
+run machinery shared with the SFT trainer (set-up, resume, validation and checkpoint schedule) in
+`nemo_quagmire.trainer.run`, so this file only orchestrates the step. Rollouts come from a `RolloutEngine`
+(in-process on the policy by default, vLLM in production), rewards from the project's grader, and validation
+from callbacks that see the policy through a `PolicyHandle`.
 
 Exact resume: everything random in a step is seeded from (seed, step) — the prompts drawn, the sampling
 generator — and model, optimizer, scheduler and RNG states are checkpointed, so a run resumed from step s
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,20 +29,16 @@ import torch
 from nemo_quagmire.algorithms.advantages import compute_advantages, group_has_signal
 from nemo_quagmire.algorithms.losses import count_valid, policy_loss
 from nemo_quagmire.config.grpo import GRPOConfig, GRPORunConfig
-from nemo_quagmire.megatron.parallel import (
-    all_gather_objects_data_parallel,
-    all_reduce_sum_data_parallel,
-    data_parallel_rank_and_size,
-)
+from nemo_quagmire.megatron.parallel import all_reduce_sum_data_parallel, data_parallel_rank_and_size
 from nemo_quagmire.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
-from nemo_quagmire.trainer.callbacks import Callback, CallbackList, PolicyHandle, Tokenizer
-from nemo_quagmire.trainer.metrics import MetricsLogger, StageTimer
-from nemo_quagmire.trainer.sft_steps import encode_examples, nll_loss, sft_micro_batches
-from nemo_quagmire.utils.logging import get_logger, global_rank
+from nemo_quagmire.trainer.callbacks import Callback, Tokenizer
+from nemo_quagmire.trainer.metrics import StageTimer
+from nemo_quagmire.trainer.run import RunLoop, progress_bar
+from nemo_quagmire.trainer.sft_steps import encode_example, sft_step
+from nemo_quagmire.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-CHECKPOINT_SUBDIR = "checkpoints"
 # Metrics of policy_loss that are means over valid tokens (combined across micro-batches by token weight).
 _TOKEN_MEAN_METRICS = frozenset(
     {
@@ -71,7 +68,7 @@ class NonFiniteLossError(RuntimeError):
     """Raised after `grpo.max_consecutive_nonfinite` steps in a row with a NaN/Inf loss."""
 
 
-class GRPOTrainer:
+class GRPOTrainer(RunLoop):
     """GRPO on the Megatron engine. Build with `GRPOTrainer(cfg, ...)`, run with `fit()`.
 
     Args:
@@ -94,61 +91,45 @@ class GRPOTrainer:
     ) -> None:
         if not prompts:
             raise ValueError("no RL prompts: check data.train_file / data.num_rl")
-        if tokenizer.pad_id >= cfg.model.vocab_size or tokenizer.eos_id >= cfg.model.vocab_size:
-            raise ValueError(
-                f"the tokenizer's special ids (pad {tokenizer.pad_id}, eos {tokenizer.eos_id}) do not fit "
-                f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size to the tokenizer's vocab size"
-            )
-        self.cfg = cfg
+        super().__init__(cfg, tokenizer=tokenizer, callbacks=callbacks, max_steps=cfg.max_steps)
+        self.cfg: GRPORunConfig = cfg
         self.prompts = list(prompts)
-        self.tokenizer = tokenizer
         self.sft_examples = list(sft_examples)
-        self.callbacks = CallbackList(callbacks)
-        self.run_dir = Path(cfg.run_dir)
-        self.checkpoint_dir = self.run_dir / CHECKPOINT_SUBDIR
-        self.step = 0
         self._nonfinite_in_a_row = 0
 
-    # ------------------------------------------------------------------ set-up
-    def _setup(self) -> int | None:
-        """Build model, optimizer, engine, grader and logger; returns the step resumed from (or None)."""
-        from nemo_quagmire.megatron.checkpoint import latest_checkpoint, load_checkpoint
-        from nemo_quagmire.megatron.model import build_model
-        from nemo_quagmire.megatron.train_step import setup_training
+    # ------------------------------------------------------------------ set-up (RunLoop hooks)
+    def _after_setup(self) -> None:
         from nemo_quagmire.rewards.math_grader import MathGrader
 
-        cfg = self.cfg
-        resume_from = latest_checkpoint(self.checkpoint_dir) if cfg.checkpoint.resume == "auto" else None
-        model = build_model(cfg.model, cfg.parallel)
-        if resume_from is None:
-            self._initial_weights(model)
-        self.trainer = setup_training(model, cfg.optim)
-        resumed_step = None
-        if resume_from is not None:
-            state = load_checkpoint(
-                resume_from,
-                self.trainer.model,
-                model_cfg=cfg.model,
-                optimizer=self.trainer.optimizer,
-                scheduler=self.trainer.scheduler,
-            )
-            resumed_step = self.step = int(state["step"])
-            self._nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-            logger.info("resumed from %s (step %d)", resume_from, self.step)
-        self.reference = self._reference_model() if cfg.grpo.kl_coef > 0 else None
-        self.engine = self._rollout_engine()
+        self.reference = self._reference_model() if self.cfg.grpo.kl_coef > 0 else None
+        self.engine = self._make_engine()
         self.grader = MathGrader(num_workers=1)
-        return resumed_step
+
+    def _client_state(self) -> dict[str, Any]:
+        return {"nonfinite_in_a_row": self._nonfinite_in_a_row}
+
+    def _restore(self, client_state: Mapping[str, Any]) -> None:
+        self._nonfinite_in_a_row = int(client_state.get("nonfinite_in_a_row", 0))
+
+    def _logprob_micro_batch_size(self) -> int:
+        return self.cfg.grpo.micro_batch_size
+
+    def _progress_postfix(self, metrics: Mapping[str, float]) -> dict[str, str]:
+        return {
+            "reward": f"{metrics['train/reward_mean']:.3f}",
+            "step_s": f"{metrics['timing/step']:.2f}",
+            "tok_s": f"{metrics['train/tokens_per_s']:.0f}",
+        }
+
+    def _close(self) -> None:
+        self.grader.close()
+        super()._close()
 
     def _initial_weights(self, model: list[torch.nn.Module]) -> None:
-        """SFT warm-up result, an HF checkpoint, or the random initialisation (in that order)."""
+        """SFT warm-up result, `checkpoint.load_from`, or the random initialisation (in that order)."""
         from nemo_quagmire.megatron.checkpoint import load_checkpoint
 
-        if self.cfg.checkpoint.load_from is not None:
-            from nemo_quagmire.megatron.hf import load_hf_weights
-
-            load_hf_weights(model, self.cfg.checkpoint.load_from, self.cfg.model)
-            logger.info("initial weights from %s", self.cfg.checkpoint.load_from)
+        super()._initial_weights(model)
         if self.cfg.sft_warmup.steps > 0:
             warmup = self._sft_warmup(model)
             load_checkpoint(warmup, model, model_cfg=self.cfg.model, restore_rng=False)
@@ -157,7 +138,7 @@ class GRPOTrainer:
         """Run the SFT warm-up once (its checkpoint is reused by later runs and resumes)."""
         from nemo_quagmire.megatron.checkpoint import latest_checkpoint, save_checkpoint
         from nemo_quagmire.megatron.model import build_model
-        from nemo_quagmire.megatron.train_step import OptimConfig, setup_training, train_step
+        from nemo_quagmire.megatron.train_step import OptimConfig, setup_training
 
         directory = self.run_dir / SFT_WARMUP_SUBDIR
         done = latest_checkpoint(directory)
@@ -172,13 +153,18 @@ class GRPOTrainer:
         trainer = setup_training(warm_model, OptimConfig(lr=warm.lr, weight_decay=0.0, lr_warmup_steps=10))
         rng = random.Random(self.cfg.seed)
         dp_rank, dp_size = data_parallel_rank_and_size()
-        progress = _progress(warm.steps, "SFT warm-up", self.cfg.logging.progress_bar)
+        progress = progress_bar(warm.steps, "SFT warm-up", self.cfg.logging.progress_bar)
         for step in range(warm.steps):
             batch = rng.sample(self.sft_examples, warm.batch_size)[dp_rank::dp_size]
-            tokens, _, loss_mask = encode_examples(batch, self.tokenizer)
-            global_tokens = all_reduce_sum_data_parallel(loss_mask.sum())
-            micro = sft_micro_batches(tokens, loss_mask, self.cfg.grpo.micro_batch_size, global_tokens)
-            metrics = train_step(trainer, micro, nll_loss)
+            encoded = [encode_example(example, self.tokenizer) for example in batch]
+            metrics = sft_step(
+                trainer,
+                encoded,
+                packing="none",
+                capacity=max(len(example) for example in encoded),
+                micro_batch_size=self.cfg.grpo.micro_batch_size,
+                pad_id=self.tokenizer.pad_id,
+            )
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}")
@@ -198,18 +184,10 @@ class GRPOTrainer:
             target.requires_grad_(False)
         return reference
 
-    def _rollout_engine(self) -> RolloutEngine:
+    def _make_engine(self) -> RolloutEngine:
         rollout = self.cfg.rollout
         if rollout.engine == "megatron":
-            from nemo_quagmire.megatron.rollout_engine import MegatronRolloutEngine
-
-            return MegatronRolloutEngine(
-                self.trainer.model,
-                self.cfg.model,
-                pad_id=self.tokenizer.pad_id,
-                eos_id=self.tokenizer.eos_id,
-                seed=self.cfg.seed,
-            )
+            return super()._make_engine()
         from nemo_quagmire.megatron.hf import export_hf
         from nemo_quagmire.rollout.vllm_engine import VLLMRolloutEngine
 
@@ -226,96 +204,7 @@ class GRPOTrainer:
             colocated=vllm.colocated,
         )
 
-    # ------------------------------------------------------------------ policy view for callbacks
-    def policy_handle(self) -> PolicyHandle:
-        from nemo_quagmire.megatron.logprobs import compute_logprobs
-
-        dp_rank, dp_size = data_parallel_rank_and_size()
-
-        def logprobs(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-            return compute_logprobs(
-                self.trainer.model, tokens, lengths, micro_batch_size=self.cfg.grpo.micro_batch_size
-            ).logprobs
-
-        return PolicyHandle(
-            step=self.step,
-            run_dir=self.run_dir,
-            tokenizer=self.tokenizer,
-            logprobs=logprobs,
-            generate=self.engine.generate,
-            all_reduce_sum=all_reduce_sum_data_parallel,
-            all_gather_objects=all_gather_objects_data_parallel,
-            data_parallel_rank=dp_rank,
-            data_parallel_size=dp_size,
-        )
-
-    # ------------------------------------------------------------------ the loop
-    def fit(self) -> dict[str, float]:
-        """Train to `max_steps` (resuming if a checkpoint exists); returns the last step's metrics."""
-        resumed_step = self._setup()
-        cfg = self.cfg
-        self.metrics_logger = MetricsLogger(
-            self.run_dir,
-            tensorboard=cfg.logging.tensorboard,
-            wandb=cfg.logging.wandb,
-            mlflow=cfg.logging.mlflow,
-            resume_step=resumed_step,
-        )
-        last: dict[str, float] = {}
-        try:
-            self.callbacks.on_train_start(self.policy_handle())
-            if resumed_step is None:
-                self._validate()
-            progress = _progress(cfg.max_steps, "GRPO", cfg.logging.progress_bar, initial=self.step)
-            while self.step < cfg.max_steps:
-                last = self.train_one_step()
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(
-                        reward=f"{last['train/reward_mean']:.3f}",
-                        step_s=f"{last['timing/step']:.2f}",
-                        tok_s=f"{last['train/tokens_per_s']:.0f}",
-                    )
-                final = self.step == cfg.max_steps
-                if self.step % cfg.validation.interval == 0 or final:
-                    self._validate()
-                if self.step % cfg.checkpoint.interval == 0 or final:
-                    self._save()
-            if progress is not None:
-                progress.close()
-        finally:
-            self.callbacks.on_train_end(self.policy_handle())
-            self.metrics_logger.close()
-            self.grader.close()
-            self.engine.close()
-        return last
-
-    def _validate(self) -> None:
-        metrics = self.callbacks.on_validation(self.policy_handle())
-        if metrics:
-            self.metrics_logger.log(self.step, metrics)
-            headline = {k: v for k, v in metrics.items() if k.startswith("val/macro/") or "heldout" in k}
-            logger.info(
-                "validation at step %d: %s",
-                self.step,
-                ", ".join(f"{k.removeprefix('val/')}={v:.4f}" for k, v in sorted(headline.items())),
-            )
-
-    def _save(self) -> None:
-        from nemo_quagmire.megatron.checkpoint import save_checkpoint
-
-        path = save_checkpoint(
-            self.checkpoint_dir,
-            self.step,
-            self.trainer.model,
-            model_cfg=self.cfg.model,
-            optimizer=self.trainer.optimizer,
-            scheduler=self.trainer.scheduler,
-            client_state={"step": self.step, "nonfinite_in_a_row": self._nonfinite_in_a_row},
-            keep_last=self.cfg.checkpoint.keep_last,
-        )
-        self.callbacks.on_checkpoint(self.policy_handle(), path)
-
+    # ------------------------------------------------------------------ the step
     def _step_prompts(self) -> list[Prompt]:
         """This DP rank's prompts for the step: a draw seeded by (seed, step), whole groups per rank."""
         per_step = self.cfg.grpo.prompts_per_step
@@ -540,12 +429,3 @@ def _split_micro_batches(
         }
     chunks = {name: value.split(micro_batch_size) for name, value in fields.items()}
     return [{name: parts[i] for name, parts in chunks.items()} for i in range(len(chunks["tokens"]))]
-
-
-def _progress(total: int, desc: str, enabled: bool, initial: int = 0) -> Any:
-    """A tqdm bar on rank 0 when enabled, else None."""
-    if not enabled or global_rank() != 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)

@@ -18,6 +18,7 @@ HANG_GOLD = "HANG_GOLD"  # as a gold: parsing the gold hangs
 
 
 def _hang() -> None:
+    print("hanging", flush=True)  # a test in a subprocess waits for this before killing the main process
     while True:
         time.sleep(60)
 

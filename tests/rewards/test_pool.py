@@ -20,7 +20,9 @@ from nemo_quagmire.rewards.pool import WorkerPool
 from tests.rewards.faults import CRASH, HANG, HANG_GOLD, SLOW, BrokenSetupChecker, FaultyChecker
 
 TIMEOUT_S = 1.5  # parent deadline; FaultyChecker's own math-verify alarm is 1 s
-FAULTY = FaultyChecker(timeout_s=1, warm_up=False)  # the answers here are quick: start faster
+# Warmed up where the deadline is short, so that a loaded machine is unlikely to push a first check past it.
+FAULTY = FaultyChecker(timeout_s=1)
+FAULTY_COLD = FaultyChecker(timeout_s=1, warm_up=False)  # starts faster, for long deadlines
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -96,7 +98,7 @@ def test_hang_and_crash_lose_only_their_own_item_and_the_pool_keeps_working():
 def test_math_verify_alarm_stops_a_slow_parse_without_a_restart():
     # The parent deadline (3 s) is longer than math-verify's own alarm (1 s): the worker survives.
     before = descendants()
-    with MathGrader(num_workers=1, timeout_s=3.0, checker=FAULTY) as grader:
+    with MathGrader(num_workers=1, timeout_s=3.0, checker=FAULTY_COLD) as grader:
         worker = descendants() - before
         results = grader.grade(["x"] * 3, [boxed("x"), boxed(f"\\text{{{SLOW}}}"), boxed("2x")])
         assert results == [right("x"), GradeResult(False, f"\\text{{{SLOW}}}", "timeout"), wrong("2x")]
@@ -122,7 +124,7 @@ def test_worker_that_cannot_start_raises_with_its_traceback():
 
 def test_close_reaps_busy_and_idle_workers():
     before = descendants()
-    pool = WorkerPool(FAULTY, num_workers=2, timeout_s=60.0)
+    pool = WorkerPool(FAULTY_COLD, num_workers=2, timeout_s=60.0)
     pool.run([("x", ["x"]), ("y", ["y"])], lambda *result: None)  # both workers are up
     workers = set(pool.pids())
     assert workers == descendants() - before
@@ -147,9 +149,9 @@ def test_close_reaps_busy_and_idle_workers():
 
 def test_pool_validates_its_arguments():
     with pytest.raises(ValueError, match="num_workers must be >= 1"):
-        WorkerPool(FAULTY, num_workers=0, timeout_s=1.0)
+        WorkerPool(FAULTY_COLD, num_workers=0, timeout_s=1.0)
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
-        WorkerPool(FAULTY, num_workers=1, timeout_s=0.0)
+        WorkerPool(FAULTY_COLD, num_workers=1, timeout_s=0.0)
 
 
 def _start_script(body: str) -> subprocess.Popen:
@@ -186,14 +188,14 @@ def test_workers_stop_at_interpreter_exit_without_close():
 def test_a_hung_worker_dies_with_a_killed_parent():
     child = _start_script(
         f"""
-        grader = MathGrader(num_workers=2, timeout_s=600, checker=FaultyChecker(warm_up=False))
+        grader = MathGrader(num_workers=2, timeout_s=600, checker={FAULTY_COLD!r})
         grader.grade(["x", "y"], ["\\\\boxed{{x}}", "\\\\boxed{{y}}"])
         print("ready", flush=True)
         grader.grade(["x"], ["\\\\boxed{{{HANG}}}"])
         """
     )
     processes = {p.pid for p in psutil.Process(child.pid).children(recursive=True)}
-    time.sleep(0.5)  # the hang is under way
+    assert child.stdout.readline().strip() == "hanging"  # printed by the worker
     child.send_signal(signal.SIGKILL)  # no atexit, no close(): only the kernel can stop the hung worker
     child.communicate(timeout=30)
     assert not wait_until_gone(processes)

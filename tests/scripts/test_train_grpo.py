@@ -110,7 +110,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_resume_after_sigkill_repeats_the_uninterrupted_run_exactly(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     uninterrupted = _launch([*TINY_RUN, f"run_dir={straight}"])
-    victim = _launch([*TINY_RUN, f"run_dir={killed}"])
+    victim = _launch([*TINY_RUN, f"run_dir={killed}"], start_new_session=True)
     # Kill the second run after its step-3 record: the step-2 checkpoint exists, step 3 must be redone.
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -123,7 +123,9 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run_exactly(tmp_path):
         time.sleep(0.2)
     else:
         pytest.fail("the run never reached step 3")
-    victim.send_signal(signal.SIGKILL)
+    # SIGKILL the whole process group, as a crashed node would: the run's helper processes (the checkpoint
+    # writer's multiprocessing manager) must not outlive it.
+    os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
     assert (killed / "checkpoints" / "step_00000002").is_dir()
     assert not (killed / "checkpoints" / "step_00000004").exists()

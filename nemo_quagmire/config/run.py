@@ -1,0 +1,173 @@
+"""Config sections every training run shares (SFT and GRPO): checkpoints, validation, logging, the model.
+
+One schema per section, used by both `SFTRunConfig` and `GRPORunConfig`, so that a key means the same in
+both runs and the shared run machinery (`nemo_quagmire.trainer.run`) reads one type. Validation covers both of
+the paper's proxies of the post-RL outcome: Pass@k on benchmarks and the loss on held-out examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveInt,
+    model_validator,
+)
+
+from nemo_quagmire.callbacks.passk import MAX_NUM_SAMPLES
+from nemo_quagmire.config.model import ModelConfig, get_model_preset
+
+__all__ = [
+    "CONF_DIR",
+    "CheckpointConfig",
+    "FrozenConfig",
+    "LoggingConfig",
+    "ValidationConfig",
+    "compose_config",
+    "model_from_preset",
+]
+
+HeldOutTemplate = Literal["raw", "chat"]
+
+
+class FrozenConfig(BaseModel):
+    """Base of every config section: immutable, and a key the schema does not know is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CheckpointConfig(FrozenConfig):
+    """Checkpoints under `<run_dir>/checkpoints/step_N`, written atomically."""
+
+    interval: PositiveInt = Field(default=50, description="Save every N steps (and at the end).")
+    keep_last: PositiveInt = Field(default=2, description="Checkpoints kept; older ones are deleted.")
+    resume: Literal["auto", "never"] = Field(
+        default="auto", description="auto = continue from the newest checkpoint of run_dir if there is one."
+    )
+    load_from: str | None = Field(
+        default=None,
+        description="Initial weights: an HF directory (config.json + safetensors) or a checkpoint directory "
+        "of this project (`<run_dir>/checkpoints/step_N`, e.g. an SFT run's), weights only.",
+    )
+
+
+class ValidationConfig(FrozenConfig):
+    """What is measured at the start, every `interval` steps and at the end of a run: Pass@k of sampled
+    completions on benchmarks, and the negative log-likelihood of held-out examples (the paper's two
+    predictors of the post-RL score)."""
+
+    interval: PositiveInt = 10
+    benchmarks: tuple[str, ...] = Field(
+        default=("synthetic",),
+        description="'synthetic' and/or benchmark names from the benchmarks dir; empty = no Pass@k.",
+    )
+    benchmarks_dir: str | None = Field(default=None, description="Default: $NEMO_QUAGMIRE_BENCHMARKS_DIR.")
+    num_problems: PositiveInt = Field(default=128, description="Problems per benchmark (the first N).")
+    num_samples: int = Field(
+        default=4,
+        ge=1,
+        le=MAX_NUM_SAMPLES,
+        description=f"Samples per problem (n <= {MAX_NUM_SAMPLES}); the paper samples 256 and reads pass@64.",
+    )
+    ks: tuple[PositiveInt, ...] | None = Field(
+        default=None, description="ks of pass@k and maj@k; None = 1, 2, 4, ... <= num_samples."
+    )
+    temperature: NonNegativeFloat = Field(default=1.0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 = off.")
+    max_new_tokens: PositiveInt | None = Field(
+        default=None, description="Completion budget; None = rollout.max_new_tokens (GRPO runs)."
+    )
+    rows_per_batch: PositiveInt = Field(
+        default=256,
+        description="Completions per generation call (problems x samples); large calls keep the engine busy.",
+    )
+    equal_length_batches: bool = Field(
+        default=False,
+        description="Batch only prompts of equal length: needed by the in-process engine under Transformer "
+        "Engine attention, which cannot mask left padding.",
+    )
+    grader_workers: PositiveInt = Field(default=1, description="Grading processes (overlapping generation).")
+    save_samples: bool = Field(
+        default=True, description="Write every graded sample to <run_dir>/eval/step_N/samples.parquet."
+    )
+    heldout_loss: bool = Field(
+        default=True, description="Log val/heldout_loss/{token_mean,seq_mean} at every validation."
+    )
+    heldout_file: str | None = Field(
+        default=None,
+        description="JSONL of {prompt, response} (e.g. a held-out split of the SFT data); None = the "
+        "synthetic task's held-out split (synthetic runs only).",
+    )
+    heldout_prompt_template: HeldOutTemplate | None = Field(
+        default=None,
+        description="How held-out prompts are tokenized: raw text or one chat-template user turn; None = as "
+        "the run's own prompts are.",
+    )
+    heldout_batch_size: PositiveInt = Field(default=32, description="Held-out examples per forward pass.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ValidationConfig:
+        if self.ks is not None and max(self.ks) > self.num_samples:
+            raise ValueError(
+                f"validation.ks asks for pass@{max(self.ks)} but validation.num_samples={self.num_samples}: "
+                f"k cannot exceed n; lower the ks or raise num_samples"
+            )
+        return self
+
+    def heldout_source_missing(self, synthetic_task: bool) -> bool:
+        """True if held-out loss is asked for but there is nothing to compute it on."""
+        return self.heldout_loss and self.heldout_file is None and not synthetic_task
+
+
+HELDOUT_MISSING = (
+    "validation.heldout_loss is on but validation.heldout_file is unset, and only the synthetic task has a "
+    "built-in held-out split; set validation.heldout_file (JSONL of {prompt, response}) or "
+    "validation.heldout_loss=false"
+)
+
+
+class LoggingConfig(FrozenConfig):
+    tensorboard: bool = True
+    wandb: dict[str, Any] | None = Field(default=None, description="Kwargs of wandb.init; None = off.")
+    mlflow: dict[str, Any] | None = Field(default=None, description="{experiment: name}; None = off.")
+    progress_bar: bool = True
+
+
+def model_from_preset(value: Any) -> Any:
+    """`{preset: tiny, num_layers: 2}` -> the tiny preset with num_layers=2 (a `field_validator` body)."""
+    if isinstance(value, dict) and "preset" in value:
+        overrides = {k: v for k, v in value.items() if k != "preset"}
+        try:
+            preset: ModelConfig = get_model_preset(value["preset"])
+        except KeyError as err:
+            raise ValueError(err.args[0]) from None
+        return preset.replace(**overrides)
+    return value
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (editable installs)
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def compose_config(
+    schema: type[ConfigT], config_name: str, overrides: Sequence[str], config_dir: str | Path
+) -> ConfigT:
+    """Compose `config_dir/config_name.yaml` with Hydra command-line `overrides` and validate it.
+
+    Raises:
+        pydantic.ValidationError: a bad key or value (format it with `config.errors.format_validation_error`).
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        raw = compose(config_name=config_name, overrides=list(overrides))
+    container = OmegaConf.to_container(raw, resolve=True)
+    container.pop("hydra", None)
+    return schema.model_validate(container)

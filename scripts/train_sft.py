@@ -1,0 +1,56 @@
+"""Supervised fine-tuning on the Megatron engine, logging held-out loss and pass@k at every validation.
+
+    python scripts/train_sft.py                               # embedded default (conf/sft/tiny.yaml), CPU
+    python scripts/train_sft.py --config-name=nemo12b         # Mistral-NeMo-12B on 8xH100 (torchrun)
+    python scripts/train_sft.py --config-name=nemo12b dry_run=true    # plan only: layout and memory, no GPU
+    python scripts/train_sft.py sft.epochs=2 optim.lr=1e-3            # Hydra overrides
+
+Multi-process runs go through torchrun (`torchrun --nproc-per-node 8 scripts/train_sft.py ...`). A run
+resumes from the newest checkpoint in its run_dir. Config errors name the key, the value and the fix, and
+exit with code 2 before anything starts.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_quagmire.config.errors import validate_or_exit
+from nemo_quagmire.config.sft import SFTRunConfig
+from nemo_quagmire.utils.logging import configure_logging, get_logger
+
+logger = get_logger("scripts.train_sft")
+
+
+def run(cfg: SFTRunConfig) -> int:
+    """Plan (dry run) or train; returns the exit code."""
+    if cfg.dry_run:
+        from nemo_quagmire.plan.sft import plan_sft_run
+
+        try:
+            report, fits = plan_sft_run(cfg)
+        except ValueError as error:
+            print(f"invalid SFT config: {error}", file=sys.stderr)
+            return 2
+        print(report)  # the plan is the output of a dry run
+        return 0 if fits else 1
+    from nemo_quagmire.megatron.parallel import parallel_context
+    from nemo_quagmire.trainer.build import build_sft_trainer
+
+    with parallel_context(cfg.model, cfg.parallel, seed=cfg.seed):
+        trainer = build_sft_trainer(cfg)
+        trainer.fit()
+    return 0
+
+
+@hydra.main(version_base=None, config_path="../conf/sft", config_name="tiny")
+def main(raw: DictConfig) -> None:
+    configure_logging()
+    cfg = validate_or_exit(SFTRunConfig, OmegaConf.to_container(raw, resolve=True), "SFT config")
+    sys.exit(run(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The SFT trainer end to end on the tiny model in one process: metrics, validation (held-out loss and
+Pass@k), checkpoints, exact resume; a GRPO run starting from its checkpoint; and every logged metric
+documented in nemo_quagmire/METRICS.md."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from nemo_quagmire.config.sft import SFTRunConfig
+from nemo_quagmire.eval.samples import read_samples
+from nemo_quagmire.trainer.build import build_grpo_trainer, build_sft_trainer
+from nemo_quagmire.trainer.metrics import read_metrics
+from tests.trainer.test_grpo import Recorder, tiny_run
+
+METRICS_DOC = Path(__file__).resolve().parents[2] / "nemo_quagmire" / "METRICS.md"
+NON_DETERMINISTIC = ("time", "train/tokens_per_s")
+
+
+def sft_run(run_dir, **sections) -> SFTRunConfig:
+    """4 steps of 16 examples on 2 layers, validating and checkpointing every 2 steps."""
+    config = {
+        "run_dir": str(run_dir),
+        "model": {"preset": "tiny", "vocab_size": 28, "max_position_embeddings": 128, "num_layers": 2},
+        "optim": {"lr": 2e-3, "weight_decay": 0.0, "use_distributed_optimizer": False},
+        "sft": {"global_batch_size": 16, "micro_batch_size": 8, "epochs": 1, "seq_length": 128},
+        "data": {"num_sft": 64, "num_heldout": 8},
+        "validation": {"interval": 2, "num_problems": 4, "num_samples": 2, "max_new_tokens": 24},
+        "checkpoint": {"interval": 2, "keep_last": 2},
+        "logging": {"tensorboard": False, "progress_bar": False},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
+    return SFTRunConfig.model_validate(config)
+
+
+def _deterministic(records: list[dict]) -> list[dict]:
+    return [
+        {k: v for k, v in r.items() if k not in NON_DETERMINISTIC and not k.startswith("timing/")}
+        for r in records
+    ]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, megatron_world1):
+    """An uninterrupted 4-step run: (run dir, hook events, metrics records)."""
+    run_dir = tmp_path_factory.mktemp("sft")
+    recorder = Recorder()
+    build_sft_trainer(sft_run(run_dir), extra_callbacks=[recorder]).fit()
+    return run_dir, recorder.events, read_metrics(run_dir / "metrics.jsonl")
+
+
+def test_a_run_logs_training_and_both_predictors_and_saves_checkpoints(straight):
+    run_dir, events, records = straight
+    assert events == [
+        "start@0",
+        "validation@0",
+        "step@1",
+        "step@2",
+        "validation@2",
+        "checkpoint:step_00000002",
+        "step@3",
+        "step@4",
+        "validation@4",
+        "checkpoint:step_00000004",
+        "end@4",
+    ]
+    train = [r for r in records if "train/loss" in r]
+    val = [r for r in records if "val/heldout_loss/token_mean" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and [r["step"] for r in val] == [0, 2, 4]
+    assert [r["train/epoch"] for r in train] == [0.25, 0.5, 0.75, 1.0]  # 64 examples, batches of 16
+    assert train[-1]["train/loss"] < train[0]["train/loss"]
+    assert val[-1]["val/heldout_loss/token_mean"] < val[0]["val/heldout_loss/token_mean"]  # it learns
+    for record in train:
+        assert 0 < record["train/packing_efficiency"] <= 1 and record["train/num_tokens"] > 0
+    for record in val:
+        assert 0.0 <= record["val/synthetic_arith/pass@1"] <= record["val/synthetic_arith/pass@2"] <= 1.0
+        assert record["val/heldout_loss/num_sequences"] == 8
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    samples = read_samples(run_dir / "eval" / "step_00000004" / "samples.parquet")
+    assert len(samples) == 4 * 2 and {s.benchmark for s in samples} == {"synthetic_arith"}
+    assert (run_dir / "tokenizer.json").is_file()
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_one(straight, tmp_path):
+    _, _, expected = straight
+    build_sft_trainer(sft_run(tmp_path, sft={"max_steps": 2})).fit()  # stops after step 2 (checkpointed)
+    build_sft_trainer(sft_run(tmp_path)).fit()  # resumes from step 2, runs steps 3 and 4
+    assert _deterministic(read_metrics(tmp_path / "metrics.jsonl")) == _deterministic(expected)
+
+
+def test_grpo_starts_from_the_sft_checkpoint(straight, tmp_path):
+    """The GRPO run's first validation sees the SFT run's last weights: the same held-out loss."""
+    run_dir, _, sft_records = straight
+    cfg = tiny_run(
+        tmp_path,
+        max_steps=1,
+        sft_warmup={"steps": 0},
+        data={"num_heldout": 8},
+        checkpoint={"load_from": str(run_dir / "checkpoints" / "step_00000004")},
+    )
+    build_grpo_trainer(cfg).fit()
+    grpo_records = read_metrics(tmp_path / "metrics.jsonl")
+    sft_final = sft_records[-1]["val/heldout_loss/token_mean"]
+    assert grpo_records[0]["step"] == 0
+    assert grpo_records[0]["val/heldout_loss/token_mean"] == pytest.approx(sft_final, rel=1e-6)
+    assert "train/reward_mean" in grpo_records[1]
+    _assert_documented(sft_records + grpo_records)
+
+
+def _assert_documented(records: list[dict]) -> None:
+    """Every metric name the runs logged appears in METRICS.md (benchmarks as <bench>, ks as <k>)."""
+    documented = set(re.findall(r"`([a-z_]+/[^`]+)`", METRICS_DOC.read_text()))
+    logged = {name for record in records for name in record if name not in ("step", "time")}
+    generic = {
+        re.sub(r"@\d+", "@<k>", re.sub(r"^val/(?!macro/|heldout_loss/)[^/]+/", "val/<bench>/", name))
+        for name in logged
+    }
+    assert "val/<bench>/pass@<k>" in generic and "train/reward_mean" in generic and "train/epoch" in generic
+    assert not generic - documented, f"not in {METRICS_DOC.name}: {sorted(generic - documented)}"
+
+
+def test_too_few_examples_and_unmaskable_packing_are_refused(tmp_path, megatron_world1, monkeypatch):
+    with pytest.raises(ValueError, match="64 usable SFT examples are fewer than one global batch"):
+        build_sft_trainer(sft_run(tmp_path, sft={"global_batch_size": 128}))
+    import nemo_quagmire.megatron.logprobs as logprobs
+
+    monkeypatch.setattr(logprobs, "honours_attention_masks", lambda model: False)  # as with TE attention
+    with pytest.raises(ValueError, match="Transformer Engine.*use sft.packing=buckets"):
+        build_sft_trainer(sft_run(tmp_path, validation={"benchmarks": []})).fit()
