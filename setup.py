@@ -1,15 +1,18 @@
 """nemo-quagmire: pick the SFT checkpoint that will be best after RL (held-out loss, pass@large-k, GRPO)."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="nemo-quagmire",
     version="0.1.0",
     description="GRPO on megatron-core, held-out-loss and pass@k callbacks, and a post-RL predictor report.",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["nemo_quagmire", "nemo_quagmire.*"]),
+    package_data={"nemo_quagmire": ["METRICS.md"]},
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16.1",

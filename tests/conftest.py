@@ -20,7 +20,8 @@ def shared_benchmarks_dir() -> Path:
     path = Path(env) if env else SHARED_BENCHMARKS
     if not (path / "math500.jsonl").is_file():
         pytest.skip(
-            f"no benchmark data at {path}: set NEMO_QUAGMIRE_BENCHMARKS_DIR or run scripts/prepare_benchmarks.py"
+            f"no benchmark data at {path}: set NEMO_QUAGMIRE_BENCHMARKS_DIR or run "
+            "scripts/prepare_benchmarks.py"
         )
     return path
 

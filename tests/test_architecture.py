@@ -87,3 +87,14 @@ def test_framework_imports_are_lazy_in_core_packages():
                 names = [node.module]
             offenders += [f"{path.relative_to(PACKAGE)}: {n}" for n in names if n.split(".")[0] in FRAMEWORKS]
     assert not offenders, "top-level framework import outside the adapters:\n" + "\n".join(offenders)
+
+
+def test_only_integrations_import_lightning_or_nemo():
+    offenders = [
+        f"{path.relative_to(PACKAGE)}: {name}"
+        for path in PACKAGE.rglob("*.py")
+        if path.relative_to(PACKAGE).parts[0] != "integrations"
+        for name in _imports(path)
+        if name.split(".")[0] in {"lightning", "pytorch_lightning", "nemo"}
+    ]
+    assert not offenders, "Lightning/NeMo imported outside integrations/:\n" + "\n".join(offenders)

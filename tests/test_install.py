@@ -11,7 +11,7 @@ CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
 
 
 def test_math_verify_is_the_antlr_4_9_build():
-    # math-verify[antlr4_13_2] next to hydra-core silently resolves to math-verify 0.3.3; [antlr4_9_3] gives 0.9.
+    # math-verify[antlr4-13-2] next to hydra-core silently resolves to math-verify 0.3.3; [antlr4-9-3]: 0.9.
     assert Version(version("math-verify")) >= Version("0.9.0")
     assert version("antlr4-python3-runtime").startswith("4.9.")
 
@@ -25,4 +25,4 @@ def test_installed_versions_match_the_constraints_file():
             pins[name.strip()] = pinned.strip()
     assert pins, f"no pins found in {CONSTRAINTS}"
     mismatched = {n: (p, version(n)) for n, p in pins.items() if Version(version(n)).base_version != p}
-    assert not mismatched, f"installed versions differ from {CONSTRAINTS.name} (pinned, installed): {mismatched}"
+    assert not mismatched, f"installed versions differ from {CONSTRAINTS.name} (pin, installed): {mismatched}"

@@ -25,6 +25,7 @@ from nemo_quagmire.config.model import ModelConfig, get_model_preset
 
 __all__ = [
     "CONF_DIR",
+    "HELDOUT_MISSING",
     "CheckpointConfig",
     "FrozenConfig",
     "LoggingConfig",

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_quagmire.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from nemo_quagmire.megatron.rollout_engine import MegatronRolloutEngine, sample_tokens
+from nemo_quagmire.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from tests.megatron import rollout_worker as worker
 
 REPO = Path(__file__).resolve().parents[2]
