@@ -19,6 +19,7 @@ Subclasses implement `train_one_step` and `_logprob_micro_batch_size`, and may o
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -30,6 +31,7 @@ from nemo_quagmire.config.run import CheckpointConfig, LoggingConfig, Validation
 from nemo_quagmire.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from nemo_quagmire.trainer.callbacks import Callback, CallbackList, PolicyHandle, Tokenizer
 from nemo_quagmire.trainer.metrics import MetricsLogger
+from nemo_quagmire.utils.io import atomic_write
 from nemo_quagmire.utils.logging import get_logger, global_rank
 
 __all__ = [
@@ -43,6 +45,8 @@ __all__ = [
 ]
 
 logger = get_logger(__name__)
+
+RUN_INFO_FILE = "run_info.json"  # {"init_from": <checkpoint.load_from>}, read by nemo_quagmire.predict.runs
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -159,6 +163,10 @@ class RunLoop:
             logger.info("resumed from %s (step %d)", resume_from, self.step)
         if global_rank() == 0 and hasattr(self.tokenizer, "save"):
             self.tokenizer.save(self.run_dir)  # so that scripts/evaluate.py finds it next to the checkpoints
+        if global_rank() == 0 and cfg.checkpoint.load_from is not None:
+            # The link the predictor report follows from this run back to the checkpoint it started from.
+            with atomic_write(self.run_dir / RUN_INFO_FILE) as handle:
+                json.dump({"init_from": str(cfg.checkpoint.load_from)}, handle)
         self._after_setup()
         return resumed_step
 

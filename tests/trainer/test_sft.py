@@ -108,6 +108,13 @@ def test_grpo_starts_from_the_sft_checkpoint(straight, tmp_path):
     assert grpo_records[0]["val/heldout_loss/token_mean"] == pytest.approx(sft_final, rel=1e-6)
     assert "train/reward_mean" in grpo_records[1]
     _assert_documented(sft_records + grpo_records)
+    # The predictor report follows run_info.json from the GRPO run back to the SFT checkpoint it started from.
+    from nemo_quagmire.predict.runs import table_from_runs
+
+    table = table_from_runs([run_dir], [tmp_path], rl_metric="val/macro/pass@1")
+    assert list(table.ids) == [f"{run_dir.name}@4"]
+    final_pass1 = [r for r in grpo_records if "val/macro/pass@1" in r][-1]["val/macro/pass@1"]
+    assert table.target[0] == pytest.approx(final_pass1)
 
 
 def _assert_documented(records: list[dict]) -> None:
