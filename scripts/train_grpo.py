@@ -18,37 +18,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_quagmire.config.errors import validate_or_exit
 from nemo_quagmire.config.grpo import GRPORunConfig
-from nemo_quagmire.utils.logging import configure_logging, get_logger
-
-logger = get_logger("scripts.train_grpo")
-
-
-def run(cfg: GRPORunConfig) -> int:
-    """Plan (dry run) or train; returns the exit code."""
-    if cfg.dry_run:
-        from nemo_quagmire.plan.grpo import plan_grpo_run
-
-        try:
-            report, fits = plan_grpo_run(cfg)
-        except ValueError as error:
-            print(f"invalid GRPO config: {error}", file=sys.stderr)
-            return 2
-        print(report)  # the plan is the output of a dry run
-        return 0 if fits else 1
-    from nemo_quagmire.megatron.parallel import parallel_context
-    from nemo_quagmire.trainer.build import build_grpo_trainer
-
-    with parallel_context(cfg.model, cfg.parallel, seed=cfg.seed):
-        trainer = build_grpo_trainer(cfg)
-        trainer.fit()
-    return 0
+from nemo_quagmire.plan.grpo import plan_grpo_run
+from nemo_quagmire.trainer.build import build_grpo_trainer
+from nemo_quagmire.trainer.entry import plan_or_train
+from nemo_quagmire.utils.logging import configure_logging
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="tiny")
 def main(raw: DictConfig) -> None:
     configure_logging()
     cfg = validate_or_exit(GRPORunConfig, OmegaConf.to_container(raw, resolve=True), "GRPO config")
-    sys.exit(run(cfg))
+    sys.exit(plan_or_train(cfg, plan=plan_grpo_run, build=build_grpo_trainer, what="GRPO config"))
 
 
 if __name__ == "__main__":

@@ -19,37 +19,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_quagmire.config.errors import validate_or_exit
 from nemo_quagmire.config.sft import SFTRunConfig
-from nemo_quagmire.utils.logging import configure_logging, get_logger
-
-logger = get_logger("scripts.train_sft")
-
-
-def run(cfg: SFTRunConfig) -> int:
-    """Plan (dry run) or train; returns the exit code."""
-    if cfg.dry_run:
-        from nemo_quagmire.plan.sft import plan_sft_run
-
-        try:
-            report, fits = plan_sft_run(cfg)
-        except ValueError as error:
-            print(f"invalid SFT config: {error}", file=sys.stderr)
-            return 2
-        print(report)  # the plan is the output of a dry run
-        return 0 if fits else 1
-    from nemo_quagmire.megatron.parallel import parallel_context
-    from nemo_quagmire.trainer.build import build_sft_trainer
-
-    with parallel_context(cfg.model, cfg.parallel, seed=cfg.seed):
-        trainer = build_sft_trainer(cfg)
-        trainer.fit()
-    return 0
+from nemo_quagmire.plan.sft import plan_sft_run
+from nemo_quagmire.trainer.build import build_sft_trainer
+from nemo_quagmire.trainer.entry import plan_or_train
+from nemo_quagmire.utils.logging import configure_logging
 
 
 @hydra.main(version_base=None, config_path="../conf/sft", config_name="tiny")
 def main(raw: DictConfig) -> None:
     configure_logging()
     cfg = validate_or_exit(SFTRunConfig, OmegaConf.to_container(raw, resolve=True), "SFT config")
-    sys.exit(run(cfg))
+    sys.exit(plan_or_train(cfg, plan=plan_sft_run, build=build_sft_trainer, what="SFT config"))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ import pytest
 
 from nemo_quagmire.config.errors import validate_or_exit
 from nemo_quagmire.config.sft import SFTRunConfig, compose_sft_config
+from nemo_quagmire.plan.sft import plan_sft_run
+from nemo_quagmire.trainer.build import build_sft_trainer
+from nemo_quagmire.trainer.entry import plan_or_train
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "train_sft.py"
@@ -59,7 +62,7 @@ def test_a_tiny_run_trains_validates_and_checkpoints(tmp_path):
 @pytest.mark.parametrize("name", ["tiny", "nemo12b"])
 def test_dry_runs_print_the_plan(name, capsys):
     cfg = compose_sft_config(name, ["dry_run=true"])
-    assert train_sft.run(cfg) == 0
+    assert plan_or_train(cfg, plan=plan_sft_run, build=build_sft_trainer, what="SFT config") == 0
     out = capsys.readouterr().out
     assert out.startswith(f"SFT dry run of runs/sft-{name}") and "fits in" in out
 
