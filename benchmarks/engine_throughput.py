@@ -154,11 +154,12 @@ class Profile:
     ``comm_ms``: time during which a gloo operation was in flight (the union of their intervals; they run on
     gloo's threads while the main thread waits, so this includes waiting for the peer). ``aten_ms``: self
     time of ATen operators on the main thread outside process-group calls (the arithmetic and its
-    dispatch). ``other_ms``: the rest of the wall time, i.e. Python, the autograd engine and the profiler's
-    own overhead. ``optimizer_ms`` is the part of the wall time spent in the optimizer step (grad clipping
-    included; for the engine also its grad copies and parameter all-gather). ``aten_ops`` counts ATen calls
-    made from Python or autograd (not their nested calls), a proxy for per-op overhead; ``collectives``
-    counts gloo operations. ``aten_by_kind_ms`` splits ``aten_ms`` by :func:`op_kind`.
+    dispatch). ``other_ms``: the rest of the wall time, i.e. Python, the autograd engine, the profiler's
+    own overhead and hand-offs to gloo's threads (before an operation starts there, after it ends).
+    ``optimizer_ms``: the part of the wall time spent in the optimizer step (grad clipping included; for the
+    engine also its grad buffer handling, grad-norm reduction and parameter all-gather). ``aten_ops`` counts
+    ATen calls made from Python or autograd (not their nested calls), a proxy for per-op overhead;
+    ``collectives`` counts gloo operations. ``aten_by_kind_ms`` splits ``aten_ms`` by :func:`op_kind`.
     """
 
     wall_ms: float
@@ -755,7 +756,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     multi = launch_workers(shapes)
     with parallel_context(model_config(shapes.seq_len), ParallelConfig(), seed=SEED):
         single, parity = run_in_process(shapes)
-    load_after = os.getloadavg()[0]
     rows = single + multi
     print(
         f"\nEngine throughput, `tiny` preset ({shapes.batch_size} x {shapes.seq_len} tokens per step in "
@@ -763,8 +763,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"warm-up) on {os.cpu_count()} CPUs, torch {torch.__version__}. Ratios are ours / transformers in "
         "tokens/s (> 1: the engine is faster), against transformers on the same number of cores and against "
         "the fastest transformers row. Run took "
-        f"{time.perf_counter() - start:.0f} s; 1-min load average {load_before:.2f} before, "
-        f"{load_after:.2f} after (this script alone accounts for up to ~2).\n"
+        f"{time.perf_counter() - start:.0f} s; 1-min load average before it: {load_before:.2f} (other jobs; "
+        "above ~1 they share the 2 cores, which hurts 2-thread and 2-process rows most).\n"
     )
     print(render_table(rows, shapes))
     print(f"\nEngine vs transformers log-probs with the same weights: max |difference| = {parity:.1e}.\n")
@@ -774,7 +774,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "ATen self time by kind of op, rows on one core:\n"
     )
     print(render_op_kinds(rows))
-    print("\nWhere the wall time goes, per rank (other = Python, autograd engine, profiler):\n")
+    print(
+        "\nWhere the wall time goes, per rank (other = Python, autograd engine, profiler, and hand-offs to "
+        "gloo's threads):\n"
+    )
     print(render_profiles(rows))
 
 
