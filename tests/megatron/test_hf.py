@@ -11,10 +11,7 @@ first).
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from nemo_quagmire.config.model import ModelConfig, get_model_preset
 from nemo_quagmire.megatron import hf
 from tests.megatron.hf_worker import SCENARIOS, VARIANTS, load_hf_state, make_hf_checkpoint
+from tests.megatron.launch import run_two_process_worker
 
 TOL = 1e-4  # fp32 log-prob agreement with transformers
 
@@ -390,15 +388,8 @@ def worker_results(checkpoints: Path, reference: dict, tmp_path_factory: pytest.
     work = tmp_path_factory.mktemp("hf_worker")
     torch.save(reference, work / "inputs.pt")
     out = work / "results.json"
-    repo = Path(__file__).resolve().parents[2]
-    python_path = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    command += [str(Path(__file__).with_name("hf_worker.py")), "--checkpoints", str(checkpoints)]
-    command += ["--inputs", str(work / "inputs.pt"), "--out", str(out)]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, f"hf_worker failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
-    return json.loads(out.read_text())
+    args = ["--checkpoints", str(checkpoints), "--inputs", str(work / "inputs.pt"), "--out", str(out)]
+    return run_two_process_worker(Path(__file__).with_name("hf_worker.py"), args, out)
 
 
 @pytest.mark.distributed

@@ -8,29 +8,19 @@ PP=2 starts from the TP=2 initial checkpoint, which also exercises resharding.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.megatron import multiprocess_worker as worker
+from tests.megatron.launch import run_two_process_worker
 
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[2]
 LOGPROB_ATOL = 1e-5  # float32 log-softmax over 100 logits, summed in another order
 TRAIN_RTOL = 1e-5  # losses and grad norms over three Adam steps at lr 1e-3
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,24 +33,9 @@ def runs(megatron_world1, tmp_path_factory) -> dict:
 
     workdir = tmp_path_factory.mktemp("multiprocess")
     out = workdir / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NEMO_QUAGMIRE_COMPAT_TRACE": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        str(Path(worker.__file__)),
-        str(out),
-        str(workdir),
-    ]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and out.exists(), (
-        f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    results = run_two_process_worker(
+        worker.__file__, [str(out), str(workdir)], out, extra_env={"NEMO_QUAGMIRE_COMPAT_TRACE": "1"}
     )
-    results = json.loads(out.read_text())
 
     set_random_seed(worker.SEED)  # the seed a fresh TP=1 start would have
     model = build_model(worker.MODEL, ParallelConfig())

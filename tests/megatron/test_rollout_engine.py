@@ -7,11 +7,6 @@ sampled completions differ from seed to seed, and greedy completions wander over
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +15,7 @@ import torch
 from nemo_quagmire.megatron.rollout_engine import MegatronRolloutEngine, sample_tokens
 from nemo_quagmire.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from tests.megatron import rollout_worker as worker
+from tests.megatron.launch import run_two_process_worker
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = worker.MODEL
@@ -245,12 +241,6 @@ def test_rejects_bad_construction(model):
 # --- two processes (TP=2, DP=2, PP=2): one torchrun launch -----------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_runs(megatron_world1, tmp_path_factory) -> dict:
     """The worker's results (weights exported from this process's TP=1 model) and the TP=1 batches."""
@@ -260,24 +250,7 @@ def two_process_runs(megatron_world1, tmp_path_factory) -> dict:
     model = _build_model()
     export_hf(model, workdir / "hf", MODEL)
     out = workdir / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        str(Path(worker.__file__)),
-        str(workdir / "hf"),
-        str(out),
-    ]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and out.exists(), (
-        f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
-    results = json.loads(out.read_text())
+    results = run_two_process_worker(worker.__file__, [str(workdir / "hf"), str(out)], out)
     engine = MegatronRolloutEngine(model, MODEL, pad_id=PAD_ID, eos_id=EOS_ID, seed=worker.SEED)
     results["tp1_greedy"] = worker.batch_to_json(engine.generate(PROMPTS, worker.GROUP_SIZE, worker.GREEDY))
     results["tp1_sampled"] = worker.batch_to_json(engine.generate(PROMPTS, worker.GROUP_SIZE, worker.SAMPLED))
