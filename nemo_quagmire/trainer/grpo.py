@@ -202,6 +202,8 @@ class GRPOTrainer(RunLoop):
             seed=self.cfg.seed,
             enforce_eager=vllm.enforce_eager,
             colocated=vllm.colocated,
+            max_model_len=self.cfg.rollout.max_prompt_tokens + self.cfg.rollout.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_id,
         )
 
     # ------------------------------------------------------------------ the step
