@@ -37,9 +37,10 @@ counts everything the loop does per step. The per-step stages, in seconds:
     (`train_step`); TRL the time from the end of `_prepare_inputs` to the step-end callback.
   - other: the step minus the four stages, per step. For TRL: prompt tokenisation, decoding, advantages,
     logging. For ours: advantages, metrics, logging.
-  - CPU s/step: the process's CPU time (all threads) per step. At 1 thread it barely moves when other jobs
-    load the machine, while wall time does: on a shared 2-core machine, read it next to s/step. At 2 threads,
-    a loaded machine makes both sides' OpenMP threads wait for each other, and steps get 5-20x slower.
+  - CPU s/step: the process's CPU time (all threads) per step. At 1 thread, when other jobs load the
+    machine, it rises by up to ~25% while wall time rises far more, so on a shared 2-core machine read it
+    next to s/step. At 2 threads, a loaded machine makes both sides' OpenMP threads wait for each other, and
+    steps take 2-12 s instead of ~0.45 s.
 The first `--warmup` steps of each process are not timed (the first two take 2-4x longer on both sides).
 Each column is the median over the timed steps, so the columns need not add up exactly.
 
@@ -50,7 +51,7 @@ includes the profilers' own overhead, which grows with the number of Python call
 
 Run:  python benchmarks/grpo_step.py [--steps 10] [--warmup 3] [--threads 1 2] [--rounds 1]
       [--micro-batch-size 128] [--profile N] [--quick]
-Defaults take ~80 s on a quiet 2-core machine; --quick (3 steps, 1 thread) takes ~40 s.
+Defaults take ~80 s on a quiet 2-core machine (several minutes when it is loaded); --quick takes ~45 s.
 TRL is optional, not a dependency of the project. Without it only our rows are printed, along with the
 command that installs it: pip install -c constraints.txt trl==1.16.0
 """
