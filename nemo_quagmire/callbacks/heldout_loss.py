@@ -21,7 +21,6 @@ model's context is named too.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from nemo_quagmire.data.jsonl import iter_json_lines
 from nemo_quagmire.trainer.callbacks import Callback, PolicyHandle, Tokenizer
 from nemo_quagmire.trainer.sft_steps import EncodedExample, PromptTemplate, encode_example
 
@@ -52,15 +52,7 @@ def read_heldout_examples(path: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"held-out file {path} does not exist (validation.heldout_file)")
-    examples = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise HeldOutDataError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from err
-            examples.append(_checked(record, where))
+    examples = [_checked(record, where) for where, record in iter_json_lines(path, HeldOutDataError)]
     if not examples:
         raise HeldOutDataError(f"{path}: no examples in the file")
     return examples

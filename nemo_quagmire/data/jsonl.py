@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from nemo_quagmire.utils.io import atomic_write
@@ -33,6 +33,19 @@ def write_records(path: str | os.PathLike, records: Iterable[Mapping[str, object
     return count
 
 
+def iter_json_lines(path: str | os.PathLike, error: type[Exception]) -> Iterator[tuple[str, object]]:
+    """`("file:line", parsed value)` for each line of a JSONL file; a line that is not JSON raises `error`
+    naming file:line and column."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from err
+
+
 def read_records(path: str | os.PathLike, fields: Sequence[str]) -> list[dict[str, str]]:
     """Read a JSONL file whose lines are objects with exactly the string keys `fields`, in file order.
 
@@ -40,21 +53,14 @@ def read_records(path: str | os.PathLike, fields: Sequence[str]) -> list[dict[st
         RecordFileError: a line is not JSON, not an object, has other keys, or a non-string value; or the
             file is empty.
     """
-    path = Path(path)
     records: list[dict[str, str]] = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordFileError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from err
-            if not isinstance(record, dict) or set(record) != set(fields):
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise RecordFileError(f"{where}: expected an object with keys {list(fields)}, got {keys}")
-            if bad := [key for key in fields if not isinstance(record[key], str)]:
-                raise RecordFileError(f"{where}: values of {bad} must be strings")
-            records.append(record)
+    for where, record in iter_json_lines(path, RecordFileError):
+        if not isinstance(record, dict) or set(record) != set(fields):
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise RecordFileError(f"{where}: expected an object with keys {list(fields)}, got {keys}")
+        if bad := [key for key in fields if not isinstance(record[key], str)]:
+            raise RecordFileError(f"{where}: values of {bad} must be strings")
+        records.append(record)
     if not records:
         raise RecordFileError(f"{path}: no records in the file")
     return records
