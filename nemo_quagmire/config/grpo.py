@@ -78,6 +78,12 @@ class GRPOConfig(_Config):
         default=1, description="Policy updates per rollout batch (1 = on-policy, ratio exactly 1)."
     )
     micro_batch_size: PositiveInt = Field(default=32, description="Rows per forward/backward micro-batch.")
+    packing: Literal["none", "packed"] = Field(
+        default="none",
+        description="Training rows: 'packed' puts short sequences side by side in one row (first-fit "
+        "decreasing, attention kept within each sequence; needs megatron's local attention and PP=1); "
+        "'none' pads every sequence to the batch's longest.",
+    )
     dynamic_sampling: bool = Field(
         default=False, description="Drop groups whose rewards are all equal (DAPO); they carry no gradient."
     )
@@ -124,6 +130,11 @@ class VLLMConfig(_Config):
     colocated: bool = Field(default=True, description="Share the training GPUs (sleep between rollouts).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     enforce_eager: bool = False
+    in_process: bool = Field(
+        default=False,
+        description="Run vLLM's engine core and worker in the trainer's process (weights pushed in memory, "
+        "seconds to start on CPU): for CPU/CI and single-rank runs; multi-rank trainers keep the default.",
+    )
 
 
 class RolloutConfig(_Config):
@@ -204,6 +215,11 @@ class GRPORunConfig(_Config):
             raise ValueError(
                 "grpo.dynamic_sampling with grpo.num_minibatches > 1 is not supported: the kept rows vary "
                 "per step and cannot be split evenly; use num_minibatches=1"
+            )
+        if self.grpo.packing == "packed" and self.parallel.pipeline_model_parallel_size > 1:
+            raise ValueError(
+                "grpo.packing=packed makes micro-batches of different shapes, which pipeline stages cannot "
+                "exchange; set grpo.packing=none or parallel.pipeline_model_parallel_size=1"
             )
         if self.validation.heldout_source_missing(synthetic_task=self.data.task == "synthetic"):
             raise ValueError(HELDOUT_MISSING)

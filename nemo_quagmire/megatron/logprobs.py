@@ -15,8 +15,9 @@ Packed rows (SFT sequence packing): a micro-batch may carry ``segment_ids [B, T]
 example, 0 at padding); the forward pass then attends only within a segment (a block-diagonal causal mask), so
 each example sees exactly the context it would see alone. RoPE is applied at the row's positions, which only
 shifts every query and key of an example by the same offset: attention scores depend on relative positions
-only, so this changes nothing but float rounding. Megatron's local ``DotProductAttention`` applies the mask;
-Transformer Engine's fused attention ignores arbitrary masks (check with :func:`honours_attention_masks`).
+only, so this changes nothing but float rounding. The local spec's attention (megatron's
+``DotProductAttention`` or its SDPA subclass) applies the mask; Transformer Engine's fused attention ignores
+arbitrary masks (check with :func:`honours_attention_masks`).
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 
 def honours_attention_masks(model: Sequence[torch.nn.Module]) -> bool:
     """Whether every attention layer of the chunks applies an explicit mask: megatron's local
-    ``DotProductAttention`` does; Transformer Engine's fused attention (causal mask type) ignores it."""
+    ``DotProductAttention`` (and its SDPA subclass) does; Transformer Engine's fused attention (causal mask
+    type) ignores it."""
     from megatron.core.transformer.attention import Attention
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 

@@ -223,7 +223,11 @@ def build_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> list[GP
     if selection.backend == "transformer_engine":
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model_cfg.qk_layernorm)
     else:
+        from nemo_quagmire.megatron.attention import local_attention_modules
+
         spec = get_gpt_layer_local_spec(qk_layernorm=model_cfg.qk_layernorm, normalization="RMSNorm")
+        attention = spec.submodules.self_attention
+        attention.module, attention.submodules.core_attention = local_attention_modules(config)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -242,9 +246,10 @@ def build_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> list[GP
     if cuda:
         model.cuda(torch.cuda.current_device())
     logger.info(
-        "built GPTModel (%s layers, backend=%s, fp8=%s): %d parameters on this rank",
+        "built GPTModel (%s layers, backend=%s, core attention=%s, fp8=%s): %d parameters on this rank",
         model_cfg.num_layers,
         selection.backend,
+        type(model.decoder.layers[0].self_attention.core_attention).__name__,
         selection.fp8_recipe,
         sum(p.numel() for p in model.parameters()),
     )

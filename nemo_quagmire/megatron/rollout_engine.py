@@ -10,17 +10,17 @@ How it runs. Each pass takes up to ``max_batch_size`` rows (prompt ``i`` repeate
 - Prompts are **left-padded** to the longest one, so the whole batch is prefilled in one forward pass and
   every row then decodes at the same cache offset. RoPE only sees relative offsets, so shifting a row right
   by its padding changes nothing but float rounding; padding keys are removed by an explicit attention
-  mask (causal + key padding in the prefill, key padding in each decode step), which megatron's local
-  ``DotProductAttention`` honours. Transformer Engine attention ignores arbitrary masks, so with the TE layer
+  mask (causal + key padding in the prefill, key padding in each decode step), which the local spec's
+  attention honours. Transformer Engine attention ignores arbitrary masks, so with the TE layer
   spec only equal-length prompts are accepted (use vLLM there).
 - The KV cache is megatron's ``StaticInferenceContext`` passed to ``GPTModel.forward``: megatron's attention
   writes each step's keys/values at the context's offset and attends over the cached prefix. This is the
   leanest path through megatron-core 0.16.1 (its ``StaticInferenceEngine`` adds tokenizers, request objects
   and a text controller the trainer does not need; the dynamic engine needs flash-attn). The cache tensors
   are allocated here, on the model's device (megatron would allocate them on ``torch.cuda.current_device()``).
-  Megatron's static path re-applies RoPE to, and (with grouped-query attention) repeats, the whole cached
-  prefix at every step, so a token costs time linear in the sequence so far: fine for GRPO-length
-  completions on CPU, not for long-context generation.
+  With the local layer spec the cache holds keys already rotated by RoPE and attention runs in torch SDPA
+  with grouped-query support (``nemo_quagmire.megatron.attention``); megatron's own modules would re-rotate
+  and, for grouped-query attention, copy the whole cached prefix at every step.
 - Megatron asserts that inference gathers the vocab-parallel logits (``runtime_gather_output``), so every
   tensor-parallel rank sees the full ``[B, V]`` last-position logits each step. For the tiny model that is
   nothing; for a 150k vocabulary it is an all-gather of ``B x V`` floats per token (80 MB at B = 128), which
@@ -298,12 +298,17 @@ class MegatronRolloutEngine:
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         context = self._new_context(batch, total)
 
-        # Prefill. Masks: True = masked; [b, 1, longest, longest] = causal | padding key; None = causal.
+        # Prefill each distinct prompt once (a GRPO group repeats its prompt group_size times), then copy its
+        # cached keys/values and logits to the rows that repeat it. Masks: True = masked;
+        # [u, 1, longest, longest] = causal | padding key; None = causal.
+        distinct, copies = _distinct_rows(sequence[:, :longest])  # [u], [b]
         mask = None
         if ragged:
             causal = positions[None, :longest] > positions[:longest, None]
-            mask = (causal[None] | key_is_padding[:, None, :longest])[:, None]
-        logits = self._forward(sequence[:, :longest], positions[:longest], mask, context)
+            mask = (causal[None] | key_is_padding[distinct, None, :longest])[:, None]
+        logits = self._forward(sequence[distinct, :longest], positions[:longest], mask, context)[copies]
+        if len(distinct) < batch:
+            _select_cache_rows(context, copies)
         context.enable_decode_mode()
         rows = torch.arange(batch, device=device)  # the pass rows the cache (and the logits) hold, [a]
         end = longest
@@ -325,7 +330,7 @@ class MegatronRolloutEngine:
             running = ~finished[rows]
             if 4 * int(running.sum()) <= 3 * len(rows):  # a quarter of the work is wasted: drop those rows
                 rows = rows[running]
-                _keep_cache_rows(context, running)
+                _select_cache_rows(context, running.nonzero().squeeze(1))
             mask = key_is_padding[rows, None, None, :end] if ragged else None  # [a, 1, 1, end]
             logits = self._forward(sequence[rows, end - 1 : end], positions[end - 1 : end], mask, context)
 
@@ -343,15 +348,18 @@ class MegatronRolloutEngine:
 
     def _new_context(self, batch: int, total: int) -> StaticInferenceContext:
         """A static KV cache for ``batch`` rows of ``total`` positions, allocated here on the model's device
-        (megatron would allocate it on ``torch.cuda.current_device()``, which fails without CUDA)."""
+        (megatron would allocate it on ``torch.cuda.current_device()``, which fails without CUDA).
+
+        Megatron indexes the cache as ``[S, b, groups, d]``; the memory is laid out ``[b, groups, S, d]``, so
+        the keys one attention head reads in a decode step are contiguous."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
         context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=total)
         for attention in self._attention:
-            shape = (total, batch, attention.num_query_groups_per_partition, attention.key_hidden_size)
-            context.key_value_memory_dict[attention.layer_number] = (
-                torch.empty(shape, dtype=self._dtype, device=self._device),
-                torch.empty(shape, dtype=self._dtype, device=self._device),
+            shape = (batch, attention.num_query_groups_per_partition, total, attention.key_hidden_size)
+            context.key_value_memory_dict[attention.layer_number] = tuple(
+                torch.empty(shape, dtype=self._dtype, device=self._device).permute(2, 0, 1, 3)
+                for _ in range(2)
             )
         return context
 
@@ -375,11 +383,27 @@ class MegatronRolloutEngine:
         return logits[:, -1]
 
 
-def _keep_cache_rows(context: StaticInferenceContext, keep: torch.Tensor) -> None:
-    """Shrink every layer's cached keys/values ``[S, b, groups, d]`` to the rows where ``keep [b]`` is True
-    (megatron's ``swap_key_value_dict`` only permutes)."""
-    for layer, (keys, values) in context.key_value_memory_dict.items():
-        context.key_value_memory_dict[layer] = (keys[:, keep], values[:, keep])
+def _distinct_rows(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(distinct, copies)`` for ``tokens [b, s]``: ``distinct [u]`` holds the first row of each distinct
+    content, and ``tokens[distinct][copies] == tokens`` with ``copies [b]``."""
+    position: dict[tuple[int, ...], int] = {}  # a row's content -> its index in `distinct`
+    distinct, copies = [], []
+    for row, content in enumerate(map(tuple, tokens.tolist())):
+        if content not in position:
+            position[content] = len(distinct)
+            distinct.append(row)
+        copies.append(position[content])
+    return torch.tensor(distinct, device=tokens.device), torch.tensor(copies, device=tokens.device)
+
+
+def _select_cache_rows(context: StaticInferenceContext, rows: torch.Tensor) -> None:
+    """Replace every layer's cached keys/values ``[S, b, groups, d]`` by their rows ``rows [a]`` (to drop
+    finished rows or to repeat a prefilled prompt; megatron's ``swap_key_value_dict`` only permutes), keeping
+    the ``[b, groups, S, d]`` memory layout of :meth:`MegatronRolloutEngine._new_context`."""
+    for layer, cache in context.key_value_memory_dict.items():
+        context.key_value_memory_dict[layer] = tuple(
+            t.permute(1, 2, 0, 3)[rows].permute(2, 0, 1, 3) for t in cache
+        )
 
 
 def _pad_columns(values: torch.Tensor, width: int, fill: float) -> torch.Tensor:

