@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 Fp8Recipe = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
+Recompute = Literal["none", "selective", "full"]
 
 
 class ModelConfig(BaseModel):
@@ -97,6 +98,12 @@ class ModelConfig(BaseModel):
     fp8_amax_compute_algo: Literal["most_recent", "max"] = Field(
         default="max", description="Delayed scaling: how the scale is derived from the amax history."
     )
+    recompute: Recompute = Field(
+        default="none",
+        description="Activation recomputation in the backward pass: 'selective' recomputes core attention "
+        "(megatron's default module), 'full' recomputes every layer from its input (one layer at a time); "
+        "less memory for more compute (see the dry-run plan).",
+    )
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
@@ -135,9 +142,10 @@ class ModelConfig(BaseModel):
     def architecture_mismatches(self, other: ModelConfig) -> dict[str, tuple[object, object]]:
         """Fields that decide the weights' shapes or meaning and differ: ``{field: (self, other)}``.
 
-        Precision fields (params_dtype, fp8*) and dropouts are left out: the same weights load under any.
+        Precision fields (params_dtype, fp8*), dropouts and recomputation are left out: the same weights load
+        under any.
         """
-        ignored = {"params_dtype", "attention_dropout", "hidden_dropout", "init_method_std"}
+        ignored = {"params_dtype", "attention_dropout", "hidden_dropout", "init_method_std", "recompute"}
         ignored |= {name for name in type(self).model_fields if name.startswith("fp8")}
         return {
             name: (getattr(self, name), getattr(other, name))

@@ -39,10 +39,14 @@ params, incremented once per                                                  co
 param: resume is not exact
 inference at PP>1 asserts       inference/communication_utils.py: _is_cuda    check only that it is not None
 ``tensor.is_cuda``
+activation recomputation saves  tensor_parallel/random.py:                    no CUDA state on CPU: an empty
+and restores the CUDA RNG       _get_cuda_rng_state / _set_cuda_rng_state     placeholder, restoring it is a
+state (``CheckpointFunction``)  (via _get_all_rng_states, _fork_rng)          no-op (torch's CPU state and
+                                                                              the tracker's are restored)
 ==============================  ============================================  ================================
 
 Not patched (not needed with the settings of ``model.make_transformer_config`` on CPU): fused kernels,
-sequence parallelism, activation recomputation, CUDA graphs.
+sequence parallelism, CUDA graphs.
 """
 
 from __future__ import annotations
@@ -252,9 +256,20 @@ def _patch_rng_tracker() -> None:
             mcore_random.CudaRNGStatesTracker, mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME
         )
     _set(mcore_random, "CudaRNGStatesTracker", _cpu_tracker_class)
+    _set(mcore_random, "_get_cuda_rng_state", _no_cuda_rng_state)
+    _set(mcore_random, "_set_cuda_rng_state", _restore_no_cuda_rng_state)
     existing = mcore_random._CUDA_RNG_STATE_TRACKER
     if existing is not None and not isinstance(existing, _cpu_tracker_class):  # created before activation
         _set(existing, "__class__", _cpu_tracker_class)
+
+
+def _no_cuda_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+    _record("_get_cuda_rng_state()")
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _restore_no_cuda_rng_state(state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    _record("_set_cuda_rng_state()")
 
 
 def _make_cpu_tracker_class(base: type, default_name: str) -> type:

@@ -179,6 +179,10 @@ def make_transformer_config(
         apply_rope_fusion=fused,
         persist_layer_norm=False,
         use_cpu_initialization=not cuda,
+        recompute_granularity=None if model_cfg.recompute == "none" else model_cfg.recompute,
+        # full: every layer is its own recompute unit, as the memory plan assumes
+        recompute_method="uniform" if model_cfg.recompute == "full" else None,
+        recompute_num_layers=1 if model_cfg.recompute == "full" else None,
     )
 
 

@@ -11,8 +11,11 @@ How it runs. Each pass takes up to ``max_batch_size`` rows (prompt ``i`` repeate
   every row then decodes at the same cache offset. RoPE only sees relative offsets, so shifting a row right
   by its padding changes nothing but float rounding; padding keys are removed by an explicit attention
   mask (causal + key padding in the prefill, key padding in each decode step), which the local spec's
-  attention honours. Transformer Engine attention ignores arbitrary masks, so with the TE layer
-  spec only equal-length prompts are accepted (use vLLM there).
+  attention honours. Transformer Engine attention ignores arbitrary masks, so with the TE layer spec only
+  equal-length prompts are accepted (use vLLM there).
+- Each distinct prompt is prefilled once and its cached keys/values copied to the rows that repeat it (a
+  GRPO group repeats its prompt ``group_size`` times): at 64-token prompts and G = 8 that halves the time
+  of a 32-token generate on CPU.
 - The KV cache is megatron's ``StaticInferenceContext`` passed to ``GPTModel.forward``: megatron's attention
   writes each step's keys/values at the context's offset and attends over the cached prefix. This is the
   leanest path through megatron-core 0.16.1 (its ``StaticInferenceEngine`` adds tokenizers, request objects

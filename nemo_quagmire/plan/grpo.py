@@ -38,6 +38,7 @@ def training_setup(cfg: GRPORunConfig) -> TrainingSetup:
         micro_batch_size=grpo.micro_batch_size,
         num_microbatches=max(1, -(-rows_per_update // grpo.micro_batch_size)),
         distributed_optimizer=cfg.optim.use_distributed_optimizer,
+        recompute=cfg.model.recompute,
         reference_model=grpo.kl_coef > 0,
     )
 

@@ -63,7 +63,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
-from nemo_quagmire.config.model import ModelConfig, count_parameters
+from nemo_quagmire.config.model import ModelConfig, Recompute, count_parameters
 
 __all__ = [
     "GIB",
@@ -90,7 +90,6 @@ MIN_SAVING_BYTES = GIB // 10
 # Headroom below which a plan that fits is flagged as tight (the estimate is not exact).
 TIGHT_HEADROOM_BYTES = 4 * GIB
 
-Recompute = Literal["none", "selective", "full"]
 AttentionKernel = Literal["fused", "unfused"]
 Phase = Literal["resident", "training", "rollout"]
 SetupT = TypeVar("SetupT", bound=BaseModel)
@@ -773,7 +772,9 @@ def suggest_changes(plan: MemoryPlan) -> tuple[Suggestion, ...]:
     if training.tp > 1 and not training.sequence_parallel:
         with_training("enable sequence parallelism", sequence_parallel=True)
     for recompute in {"none": ("selective", "full"), "selective": ("full",)}.get(training.recompute, ()):
-        with_training(f"{recompute} activation recomputation", recompute=recompute)
+        with_training(
+            f"{recompute} activation recomputation (model.recompute={recompute})", recompute=recompute
+        )
     if training.micro_batch_size > 1:
         smaller = training.micro_batch_size // 2
         with_training(f"micro-batch {training.micro_batch_size} -> {smaller}", micro_batch_size=smaller)

@@ -35,6 +35,7 @@ def plan_sft_run(cfg: SFTRunConfig) -> tuple[str, bool]:
         micro_batch_size=sft.micro_batch_size,
         num_microbatches=max(1, -(-rows_per_rank // sft.micro_batch_size)),
         distributed_optimizer=cfg.optim.use_distributed_optimizer,
+        recompute=cfg.model.recompute,
         attention_kernel="unfused" if sft.packing == "packed" else "fused",
     )
     plan = plan_memory(cfg.model, training)

@@ -106,6 +106,48 @@ def test_build_refuses_a_parallel_config_other_than_the_initialised_one(megatron
         build_model(get_model_preset("tiny"), ParallelConfig(tensor_model_parallel_size=2))
 
 
+def _saved_bytes_forward_calls_and_gradient(recompute: str):
+    """Bytes autograd saves in a forward pass of the tiny model, forward calls of layer 0's core attention
+    and MLP over forward + backward, and the gradient."""
+    from nemo_quagmire.megatron.logprobs import forward_logits
+    from nemo_quagmire.megatron.parallel import set_random_seed
+
+    set_random_seed(5)  # the same weights for every setting
+    (model,) = build_model(get_model_preset("tiny").replace(recompute=recompute), ParallelConfig())
+    layer = model.decoder.layers[0]
+    calls = {"core_attention": 0, "mlp": 0}
+    for name in calls:
+        getattr(layer.self_attention if name == "core_attention" else layer, name).register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+    saved = 0
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    tokens = torch.randint(0, 100, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        loss = forward_logits(model, tokens).float().logsumexp(-1).mean()
+    loss.backward()
+    gradient = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return saved, calls, gradient
+
+
+def test_activation_recomputation_trades_saved_activations_for_a_second_forward(megatron_world1):
+    none, selective, full = (
+        _saved_bytes_forward_calls_and_gradient(r) for r in ("none", "selective", "full")
+    )
+    # selective re-runs core attention in the backward, full re-runs whole layers (MLP included)
+    assert none[1] == {"core_attention": 1, "mlp": 1}
+    assert selective[1] == {"core_attention": 2, "mlp": 1}
+    assert full[1] == {"core_attention": 2, "mlp": 2}
+    assert full[0] < selective[0] < none[0]
+    for setting in (selective, full):  # recomputation changes memory, never the gradient
+        torch.testing.assert_close(setting[2], none[2], atol=0, rtol=0)
+
+
 @pytest.mark.gpu
 def test_fp8_training_step_on_gpu(megatron_world1):
     """Real FP8 (delayed scaling) forward/backward/optimizer step with Transformer Engine on an FP8 GPU."""

@@ -122,6 +122,26 @@ def test_stop_tokens_end_rows_which_then_stay_padded(model):
         _assert_layout(batch, PROMPTS, 4)
 
 
+def test_each_distinct_prompt_is_prefilled_once(model, monkeypatch):
+    # 3 prompts x 4 samples, the first prompt given twice: 12 rows, 2 distinct prompts to prefill. (The
+    # greedy test above checks that rows copied from a shared prefill generate what a full recompute does.)
+    engine = _engine(model)
+    forwarded = []
+    real_forward = engine._forward
+
+    def recording_forward(tokens, *args):
+        forwarded.append(tuple(tokens.shape))
+        return real_forward(tokens, *args)
+
+    monkeypatch.setattr(engine, "_forward", recording_forward)
+    prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[0]]
+    batch = engine.generate(prompts, 4, SamplingParams(temperature=0.0, max_new_tokens=3))
+    longest = max(map(len, prompts))
+    assert forwarded[0] == (2, longest)  # the prefill
+    assert forwarded[1:] == [(12, 1), (12, 1)]  # every row decodes
+    assert batch.completion_ids()[:4] == batch.completion_ids()[8:]  # same prompt, same greedy completion
+
+
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9)])
 def test_sampled_logprobs_are_the_trainers_tempered_logprobs(model, temperature, top_p):
     from nemo_quagmire.megatron.logprobs import compute_logprobs
