@@ -91,8 +91,9 @@ class SDPACoreAttention(DotProductAttention):
         attention_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """A decode step, ``query [1, b, np, hn]`` over ``sk`` cached keys, in two batched matmuls: SDPA's
-        CPU kernels are slowest for a single query (1.3-2x at 8-38 keys, 128 rows). Head ``h`` reads group
-        ``h // (np / ng)``, as megatron's ``repeat_interleave`` does."""
+        CPU kernels are slowest for a single query (up to 2x at 8-38 keys, 128 rows). Head ``h`` reads group
+        ``h // (np / ng)``, as megatron's ``repeat_interleave`` does. A decode query always sees its own
+        key, so no row of the mask hides every key."""
         batch, groups = query.shape[1], self.num_query_groups_per_partition
         grouped_query = query.reshape(batch, groups, -1, query.shape[-1])  # [b, ng, np/ng, hn]
         scores = torch.matmul(grouped_query, key.permute(1, 2, 3, 0))  # [b, ng, np/ng, sk]

@@ -38,6 +38,7 @@ import torch
 from nemo_quagmire.algorithms.advantages import compute_advantages, group_has_signal
 from nemo_quagmire.algorithms.losses import count_valid, policy_loss
 from nemo_quagmire.config.grpo import GRPOConfig, GRPORunConfig
+from nemo_quagmire.data.packing import first_fit_decreasing, pack_rows
 from nemo_quagmire.megatron.parallel import all_reduce_sum_data_parallel, data_parallel_rank_and_size
 from nemo_quagmire.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from nemo_quagmire.trainer.callbacks import Callback, Tokenizer
@@ -353,6 +354,9 @@ class GRPOTrainer(RunLoop):
         grpo = self.cfg.grpo
         rows = torch.arange(tokens.shape[0])
         summed: dict[str, float] = {}
+        real_and_slots = torch.zeros(
+            2, dtype=torch.float64
+        )  # tokens of the sequences, row positions computed
         for minibatch in rows.chunk(grpo.num_minibatches):
             excluded = truncated[minibatch] if grpo.mask_truncated else None
             num_tokens, num_seqs = count_valid(mask[minibatch], excluded)
@@ -374,6 +378,10 @@ class GRPOTrainer(RunLoop):
                 )
             else:
                 micro = _split_micro_batches(fields, grpo.micro_batch_size)
+            real_and_slots += torch.tensor(
+                [lengths[minibatch].sum().item(), sum(mb["tokens"].numel() for mb in micro)],
+                dtype=torch.float64,
+            )
 
             loss_fn = _grpo_loss_fn(grpo, global_tokens, global_seqs)
             result = train_step(
@@ -403,7 +411,10 @@ class GRPOTrainer(RunLoop):
                 value = value / tokens_in_update if name in _TOKEN_MEAN_METRICS else value
                 summed[name] = summed.get(name, 0.0) + value
         updates = max(grpo.num_minibatches, 1)
-        return {f"train/{k}": v / updates for k, v in summed.items()}
+        metrics = {f"train/{k}": v / updates for k, v in summed.items()}
+        real, slots = all_reduce_sum_data_parallel(real_and_slots).tolist()
+        metrics["train/packing_efficiency"] = real / max(slots, 1.0)
+        return metrics
 
     def _rollout_metrics(
         self, batch: RolloutBatch, rewards: torch.Tensor, correct: torch.Tensor
@@ -475,8 +486,6 @@ def _packed_micro_batches(
     ``segment_ids`` when a row holds several sequences, ``unpack [n, T]`` (see ``PackedRows``) and the other
     fields of its ``n`` sequences, one per row, trimmed to their longest ``T``.
     """
-    from nemo_quagmire.data.packing import first_fit_decreasing, pack_rows
-
     sizes = lengths.tolist()
     rows = first_fit_decreasing(sizes, capacity=max(sizes))
     rows.sort(key=lambda row: len(row) > 1)  # stable: single-sequence rows first, longest first

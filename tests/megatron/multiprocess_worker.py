@@ -24,7 +24,7 @@ MODEL = get_model_preset("tiny")
 SEED = 1234
 STEPS = 3
 RESUME_AT = 1  # the interrupted run saves before this step and resumes from there
-NUM_MICRO_BATCHES = 4
+NUM_MICRO_BATCHES = 3  # odd: the DP=2 ranks run 2 and 1 micro-batches (as packed GRPO rows can)
 MICRO_BATCH_SIZE = 2
 SEQ_LEN = 16
 OPTIM = OptimConfig(lr=1e-3, use_distributed_optimizer=True)

@@ -167,6 +167,9 @@ def test_packed_policy_update_is_the_padded_update(tmp_path, megatron_world1, lo
     padded, padded_gradient = _one_policy_update(tmp_path / "none", "none", loss_agg, batch)
     packed, packed_gradient = _one_policy_update(tmp_path / "packed", "packed", loss_agg, batch)
 
+    # 131 real tokens: padded in 8 rows of 30 = 240 slots; packed in micro-batches of 2 x 30 + 2 x 30 + 1 x 12
+    assert padded["train/packing_efficiency"] == pytest.approx(131 / 240)
+    assert packed["train/packing_efficiency"] == pytest.approx(131 / 132)
     assert packed["train/loss"] == pytest.approx(padded["train/loss"], rel=1e-5, abs=1e-7)
     assert packed["train/grad_norm"] == pytest.approx(padded["train/grad_norm"], rel=1e-5)
     assert padded_gradient.abs().max() > 1e-3  # a real update, not two zero gradients
