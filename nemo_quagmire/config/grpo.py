@@ -80,9 +80,10 @@ class GRPOConfig(_Config):
     micro_batch_size: PositiveInt = Field(default=32, description="Rows per forward/backward micro-batch.")
     packing: Literal["none", "packed"] = Field(
         default="none",
-        description="Training rows: 'packed' puts short sequences side by side in one row (first-fit "
-        "decreasing, attention kept within each sequence; needs megatron's local attention and PP=1); "
-        "'none' pads every sequence to the batch's longest.",
+        description="Rows of the policy update and of the old/reference log-prob passes: 'packed' puts "
+        "short sequences side by side in one row (first-fit decreasing, attention kept within each "
+        "sequence; needs megatron's local attention and PP=1); 'none' pads every sequence to the batch's "
+        "longest.",
     )
     dynamic_sampling: bool = Field(
         default=False, description="Drop groups whose rewards are all equal (DAPO); they carry no gradient."

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PackedRows", "first_fit_decreasing", "pack_rows"]
+__all__ = ["PackedMicroBatch", "PackedRows", "first_fit_decreasing", "pack_micro_batches", "pack_rows"]
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -103,3 +103,51 @@ def pack_rows(
     offsets = torch.minimum(torch.arange(width)[None, :], lengths.cpu()[:, None] - 1)  # [n, T]
     unpack = (starts[:, None] + offsets).to(tokens.device)
     return PackedRows(tokens=packed, segment_ids=segment_ids, unpack=unpack)
+
+
+@dataclass(frozen=True)
+class PackedMicroBatch:
+    """One micro-batch of packed rows.
+
+    Attributes:
+        sequences: ``[n]`` the input sequences it holds (indices into the batch), in ``rows.unpack`` order.
+        width: the longest of them: ``rows.unpack`` is ``[n, width]``.
+        rows: the packed rows, ``[r, C]``.
+        needs_mask: some row holds several sequences, so attention needs ``rows.segment_ids``; otherwise
+            plain causal attention is exact.
+    """
+
+    sequences: torch.Tensor
+    width: int
+    rows: PackedRows
+    needs_mask: bool
+
+
+def pack_micro_batches(
+    tokens: torch.Tensor, lengths: torch.Tensor, rows_per_micro_batch: int, *, pad_id: int
+) -> list[PackedMicroBatch]:
+    """Pack a batch first-fit decreasing into rows as wide as its longest sequence, then group the rows into
+    micro-batches, rows holding one sequence first: the micro-batches made only of them need no attention
+    mask (the causal fast path). Each micro-batch is as wide as its own longest row.
+
+    Args:
+        tokens: ``[N, T]`` one right-padded sequence per row.
+        lengths: ``[N]`` tokens of each sequence, each in [1, T].
+        rows_per_micro_batch: packed rows per micro-batch.
+    """
+    sizes = lengths.tolist()
+    rows = first_fit_decreasing(sizes, capacity=max(sizes))
+    rows.sort(key=lambda row: len(row) > 1)  # stable: single-sequence rows first, longest first
+    result = []
+    for start in range(0, len(rows), rows_per_micro_batch):
+        chunk = rows[start : start + rows_per_micro_batch]
+        members = [i for row in chunk for i in row]
+        width = max(sizes[i] for i in members)
+        local_rows, offset = [], 0
+        for row in chunk:
+            local_rows.append(list(range(offset, offset + len(row))))
+            offset += len(row)
+        index = torch.tensor(members, device=tokens.device)
+        packed = pack_rows(tokens[index, :width], lengths[index], local_rows, pad_id=pad_id)
+        result.append(PackedMicroBatch(index, width, packed, any(len(row) > 1 for row in chunk)))
+    return result

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nemo_quagmire.data.packing import pack_micro_batches
+
 __all__ = [
     "LogprobOutput",
     "compute_logprobs",
@@ -221,6 +223,7 @@ def compute_logprobs(
     micro_batch_size: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    packed: bool = False,
 ) -> LogprobOutput:
     """Log-probs of this data-parallel rank's sequences, aligned with ``tokens`` (see module docstring).
 
@@ -234,6 +237,10 @@ def compute_logprobs(
         micro_batch_size: sequences per forward pass; ``B`` is padded up to a multiple internally.
         temperature: divide the logits by this (the sampling temperature).
         with_entropy: also return per-position entropies (vocab-parallel, no logits gathered).
+        packed: pack the sequences into rows (``data.packing.pack_micro_batches``; ``micro_batch_size``
+            then counts packed rows) instead of padding each to ``T``: the same values, fewer tokens through
+            the model. Needs attention that honours masks (:func:`honours_attention_masks`) and no pipeline
+            parallelism.
 
     Returns:
         :class:`LogprobOutput` with float32 ``[B, T]`` tensors on the model's device.
@@ -250,8 +257,19 @@ def compute_logprobs(
 
     batch, seq = tokens.shape
     device = next(model[0].parameters()).device
-    padded = _pad_batch(tokens.to(device), micro_batch_size, sequence_pad_multiple(model))
-    micro_batches = [{"tokens": chunk} for chunk in padded.split(micro_batch_size)]
+    tokens, lengths = tokens.to(device), lengths.to(device)
+    parts = []  # packed micro-batches of the non-empty sequences
+    if packed:
+        nonempty = (lengths > 0).nonzero().squeeze(1)
+        if len(nonempty):
+            parts = pack_micro_batches(tokens[nonempty], lengths[nonempty], micro_batch_size, pad_id=0)
+        micro_batches = [
+            {"tokens": part.rows.tokens} | ({"segment_ids": part.rows.segment_ids} if part.needs_mask else {})
+            for part in parts
+        ]
+    else:
+        padded = _pad_batch(tokens, micro_batch_size, sequence_pad_multiple(model))
+        micro_batches = [{"tokens": chunk} for chunk in padded.split(micro_batch_size)]
 
     def loss_func_for(micro_batch: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], tuple]:
         def loss_func(logits: torch.Tensor) -> tuple:
@@ -268,7 +286,11 @@ def compute_logprobs(
         chunk.eval()
     try:
         with torch.no_grad():
-            reported = run_schedule(model, micro_batches, loss_func_for, forward_only=True)
+            reported = (
+                run_schedule(model, micro_batches, loss_func_for, forward_only=True, variable_shapes=packed)
+                if micro_batches
+                else []
+            )
     finally:
         for chunk, training in zip(model, was_training, strict=True):
             chunk.train(training)
@@ -276,10 +298,16 @@ def compute_logprobs(
     fields = ["logprobs", "entropy"] if with_entropy else ["logprobs"]
     out = {}
     for field in fields:
-        if ps.is_pipeline_last_stage():
-            values = torch.cat([r[field] for r in reported])[:batch, :seq].contiguous()
-        else:
+        if not ps.is_pipeline_last_stage():
             values = torch.empty(batch, seq, dtype=torch.float32, device=device)
+        elif packed:
+            values = torch.zeros(batch, seq, dtype=torch.float32, device=device)
+            for part, result in zip(parts, reported, strict=True):
+                unpacked = result[field].flatten()[part.rows.unpack]  # [n, width]
+                values[nonempty[part.sequences], : part.width] = unpacked
+            values[:, 0] = 0.0  # a segment's first position was scored after the previous segment
+        else:
+            values = torch.cat([r[field] for r in reported])[:batch, :seq].contiguous()
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(
                 values,
@@ -287,7 +315,7 @@ def compute_logprobs(
                 group=ps.get_pipeline_model_parallel_group(),
             )
         positions = torch.arange(seq, device=device)
-        out[field] = values.masked_fill(positions >= lengths.to(device)[:, None], 0.0)
+        out[field] = values.masked_fill(positions >= lengths[:, None], 0.0)
     return LogprobOutput(logprobs=out["logprobs"], entropy=out.get("entropy"))
 
 

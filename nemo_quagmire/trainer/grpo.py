@@ -38,7 +38,7 @@ import torch
 from nemo_quagmire.algorithms.advantages import compute_advantages, group_has_signal
 from nemo_quagmire.algorithms.losses import count_valid, policy_loss
 from nemo_quagmire.config.grpo import GRPOConfig, GRPORunConfig
-from nemo_quagmire.data.packing import first_fit_decreasing, pack_rows
+from nemo_quagmire.data.packing import pack_micro_batches
 from nemo_quagmire.megatron.parallel import all_reduce_sum_data_parallel, data_parallel_rank_and_size
 from nemo_quagmire.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from nemo_quagmire.trainer.callbacks import Callback, Tokenizer
@@ -338,6 +338,7 @@ class GRPOTrainer(RunLoop):
             lengths,
             micro_batch_size=self.cfg.grpo.micro_batch_size,
             temperature=self.cfg.rollout.temperature,
+            packed=self.cfg.grpo.packing == "packed",
         ).logprobs
 
     def _policy_updates(
@@ -478,35 +479,20 @@ def _grpo_loss_fn(grpo: GRPOConfig, global_tokens: torch.Tensor, global_seqs: to
 def _packed_micro_batches(
     fields: dict[str, torch.Tensor], lengths: torch.Tensor, micro_batch_size: int, *, pad_id: int
 ) -> list[dict[str, torch.Tensor]]:
-    """Micro-batches of ``micro_batch_size`` packed rows (``grpo.packing=packed``).
-
-    Sequences are packed first-fit decreasing into rows as wide as the longest. Rows holding one sequence
-    come first, so that the micro-batches made only of them need no attention mask (the causal fast path);
-    each micro-batch is as wide as its own longest row. A micro-batch carries its packed ``tokens [r, C]``,
-    ``segment_ids`` when a row holds several sequences, ``unpack [n, T]`` (see ``PackedRows``) and the other
-    fields of its ``n`` sequences, one per row, trimmed to their longest ``T``.
-    """
-    sizes = lengths.tolist()
-    rows = first_fit_decreasing(sizes, capacity=max(sizes))
-    rows.sort(key=lambda row: len(row) > 1)  # stable: single-sequence rows first, longest first
+    """Micro-batches of ``micro_batch_size`` packed rows (``grpo.packing=packed``; see
+    ``data.packing.pack_micro_batches``). Each carries its packed ``tokens [r, C]``, ``segment_ids`` when a
+    row holds several sequences, ``unpack [n, T]`` and the other fields of its ``n`` sequences, one per row,
+    trimmed to their longest ``T``."""
     result = []
-    for start in range(0, len(rows), micro_batch_size):
-        chunk = rows[start : start + micro_batch_size]
-        members = torch.tensor([i for row in chunk for i in row])
-        width = max(sizes[i] for i in members.tolist())
-        local_rows, offset = [], 0
-        for row in chunk:
-            local_rows.append(list(range(offset, offset + len(row))))
-            offset += len(row)
-        packed = pack_rows(fields["tokens"][members, :width], lengths[members], local_rows, pad_id=pad_id)
+    for part in pack_micro_batches(fields["tokens"], lengths, micro_batch_size, pad_id=pad_id):
         micro = {
-            name: value[members, :width] if value.dim() == 2 else value[members]
+            name: value[part.sequences, : part.width] if value.dim() == 2 else value[part.sequences]
             for name, value in fields.items()
             if name != "tokens"
         }
-        micro |= {"tokens": packed.tokens, "unpack": packed.unpack}
-        if any(len(row) > 1 for row in chunk):
-            micro["segment_ids"] = packed.segment_ids
+        micro |= {"tokens": part.rows.tokens, "unpack": part.rows.unpack}
+        if part.needs_mask:
+            micro["segment_ids"] = part.rows.segment_ids
         result.append(micro)
     return result
 

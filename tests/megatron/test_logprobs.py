@@ -20,7 +20,7 @@ def model(megatron_world1):
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
-    return torch.randint(0, TINY.vocab_size, (5, 12), generator=generator), torch.tensor([12, 7, 1, 0, 10])
+    return torch.randint(0, TINY.vocab_size, (6, 12), generator=generator), torch.tensor([12, 7, 1, 0, 9, 3])
 
 
 def _reference(model, tokens, lengths, temperature):
@@ -34,11 +34,20 @@ def _reference(model, tokens, lengths, temperature):
     return torch.cat([zero, next_logprobs * valid], 1), torch.cat([zero, entropy * valid], 1)
 
 
+# packed, one row per micro-batch: lengths 12, 7, 1, 0, 9, 3 -> [12] (no mask), [9 + 3] and [7 + 1] (masked:
+# the 3-token sequence would see the 9 before it without the mask); the empty sequence is not run at all.
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_and_entropy_match_log_softmax(model, temperature):
+def test_logprobs_and_entropy_match_log_softmax(model, temperature, packed):
     tokens, lengths = _batch()
     out = compute_logprobs(
-        model, tokens, lengths, micro_batch_size=2, temperature=temperature, with_entropy=True
+        model,
+        tokens,
+        lengths,
+        micro_batch_size=1 if packed else 2,
+        temperature=temperature,
+        with_entropy=True,
+        packed=packed,
     )
     expected_logprobs, expected_entropy = _reference(model, tokens, lengths, temperature)
     assert out.logprobs.shape == out.entropy.shape == tokens.shape
