@@ -210,6 +210,11 @@ class GRPORunConfig(_Config):
     def _model_from_preset(cls, value: Any) -> Any:
         return model_from_preset(value)
 
+    @property
+    def validation_max_new_tokens(self) -> int:
+        """Completion budget of validation: ``validation.max_new_tokens``, else the rollouts'."""
+        return self.validation.max_new_tokens or self.rollout.max_new_tokens
+
     @model_validator(mode="after")
     def _check(self) -> GRPORunConfig:
         if self.grpo.dynamic_sampling and self.grpo.num_minibatches > 1:

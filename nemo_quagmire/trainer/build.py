@@ -53,7 +53,7 @@ def build_grpo_trainer(cfg: GRPORunConfig, extra_callbacks: Sequence[Callback] =
         tokenizer=tokenizer,
         model=cfg.model,
         seed=cfg.seed,
-        max_new_tokens=cfg.validation.max_new_tokens or cfg.rollout.max_new_tokens,
+        max_new_tokens=cfg.validation_max_new_tokens,
         heldout_template="raw",
         splits=splits,
     )
@@ -99,7 +99,7 @@ def _build_math_trainer(cfg: GRPORunConfig, extra_callbacks: Sequence[Callback])
         tokenizer=tokenizer,
         model=cfg.model,
         seed=cfg.seed,
-        max_new_tokens=cfg.validation.max_new_tokens or cfg.rollout.max_new_tokens,
+        max_new_tokens=cfg.validation_max_new_tokens,
         heldout_template="chat" if cfg.data.prompt_template == "chat" else "raw",
         math_prompt_ids=prompt_ids,
     )

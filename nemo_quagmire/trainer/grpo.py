@@ -217,7 +217,7 @@ class GRPOTrainer(RunLoop):
         }
         export_hf(self.trainer.model, hf_dir, self.cfg.model, hf_config)
         # The engine also serves validation, whose completion budget may exceed the rollouts'.
-        max_new_tokens = max(rollout.max_new_tokens, self.cfg.validation.max_new_tokens or 0)
+        max_new_tokens = max(rollout.max_new_tokens, self.cfg.validation_max_new_tokens)
         vllm = rollout.vllm
         return VLLMRolloutEngine(
             hf_dir,

@@ -34,8 +34,9 @@ def test_first_fit_decreasing_places_every_sequence_once_within_capacity():
             for earlier in rows[:later]:
                 filled = sum(lengths[i] for i in earlier if order[i] < order[opener])
                 assert filled + lengths[opener] > capacity
-        # Never worse than the lower bound by more than FFD's classic 11/9 OPT + 1.
-        assert len(rows) <= 11 / 9 * max(1, -(-sum(lengths) // capacity)) + 1
+        # Hence any two rows together hold more than one row's capacity (so at most one is half empty).
+        fills = [sum(lengths[i] for i in row) for row in rows]
+        assert all(a + b > capacity for k, a in enumerate(fills) for b in fills[k + 1 :])
 
 
 def test_first_fit_decreasing_refuses_a_sequence_longer_than_a_row():
