@@ -1,5 +1,7 @@
-"""Wiring invariants: the pure cores import only torch/numpy/scipy (and the stdlib), and megatron.core is
-imported by nemo_quagmire.megatron alone. Checked on the source (AST): lazy imports in functions count too."""
+"""Wiring invariants: the pure cores import only torch/numpy/scipy (and the stdlib); megatron.core is
+imported by nemo_quagmire.megatron and the framework adapters alone (lazily); the light install imports
+without megatron-core, Hydra or the trainers. Checked on the source (AST; lazy imports in functions count
+too) and, for the light install, in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -61,10 +63,12 @@ def test_core_imports_only_allowed_packages(core):
 
 
 def test_only_the_megatron_package_imports_megatron():
+    """The engine, and the adapters to frameworks built on megatron (NeMo 2, Megatron-Bridge hand them
+    megatron model chunks and parallel state; they import it lazily, see the test below)."""
     offenders = [
         f"{path.relative_to(PACKAGE)}: {name}"
         for path in PACKAGE.rglob("*.py")
-        if path.relative_to(PACKAGE).parts[0] != "megatron"
+        if path.relative_to(PACKAGE).parts[0] not in {"megatron", "integrations"}
         for name in _imports(path)
         if name.split(".")[0] == "megatron"
     ]
@@ -98,3 +102,83 @@ def test_only_integrations_import_lightning_or_nemo():
         if name.split(".")[0] in {"lightning", "pytorch_lightning", "nemo"}
     ]
     assert not offenders, "Lightning/NeMo imported outside integrations/:\n" + "\n".join(offenders)
+
+
+# The light install (no [train] extra): what must import without megatron-core, Hydra or the trainers, so
+# that the package can go into an NGC NeMo / Megatron-Bridge container next to the container's megatron.
+LIGHT_PACKAGES = ("eval", "rewards", "predict", "callbacks", "integrations")
+NEEDS_ITS_FRAMEWORK = {"integrations/nemo.py": "nemo"}  # the NeMo 2 mixin subclasses llm.GPTModel
+TRAIN_ONLY = (
+    "megatron",
+    "transformer_engine",
+    "hydra",
+    "omegaconf",
+    "tensorboard",
+    "safetensors",
+    "nemo_quagmire.megatron",
+    "nemo_quagmire.trainer.grpo",
+    "nemo_quagmire.trainer.sft",
+    "nemo_quagmire.trainer.build",
+    "nemo_quagmire.trainer.run",
+    "nemo_quagmire.config.grpo",
+    "nemo_quagmire.config.sft",
+)
+_BLOCKER = """
+import importlib, runpy, sys
+
+class TrainOnly:
+    def find_spec(self, name, path=None, target=None):
+        if any(name == blocked or name.startswith(blocked + ".") for blocked in {blocked!r}):
+            raise ModuleNotFoundError(f"{{name}} belongs to the [train] extra", name=name)
+
+sys.meta_path.insert(0, TrainOnly())
+for module in {modules!r}:
+    importlib.import_module(module)
+for script in {scripts!r}:
+    sys.argv = [script, "--help"]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as done:
+        assert done.code in (0, None), (script, done.code)
+"""
+
+
+def test_the_light_layer_imports_without_megatron_hydra_or_the_trainers():
+    """Every module of the light packages, and the grading and predictor scripts, in a fresh interpreter in
+    which importing megatron, Hydra, TensorBoard or the project's engine and trainers raises."""
+    import subprocess
+
+    modules = []
+    for package in LIGHT_PACKAGES:
+        for path in _files(package):
+            rel = path.relative_to(PACKAGE).as_posix()
+            if rel in NEEDS_ITS_FRAMEWORK:
+                continue
+            modules.append(
+                "nemo_quagmire." + rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+            )
+    scripts = [str(PACKAGE.parent / "scripts" / name) for name in ("grade.py", "predict_report.py")]
+    code = _BLOCKER.format(blocked=TRAIN_ONLY, modules=modules, scripts=scripts)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(modules) > 20  # the walk found the packages
+
+
+def test_framework_adapters_import_their_framework_lazily_or_by_name():
+    """integrations/nemo.py is the only adapter that needs its framework at import time (it subclasses
+    NeMo's model); the rest import megatron / NeMo / Megatron-Bridge inside functions."""
+    offenders = []
+    for path in _files("integrations"):
+        rel = path.relative_to(PACKAGE).as_posix()
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top in {"megatron", "megatron_bridge", "nemo"} and NEEDS_ITS_FRAMEWORK.get(rel) != top:
+                    offenders.append(f"{rel}: {name}")
+    assert not offenders, "top-level framework import in an adapter:\n" + "\n".join(offenders)

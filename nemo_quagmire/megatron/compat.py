@@ -1,4 +1,6 @@
 """Let megatron-core 0.16.1 run on a CPU-only torch (gloo), for tests and CI; a no-op wherever CUDA exists.
+It also serves megatron-core 0.15.3 (NeMo 2.7's) for what the NeMo 2 integration runs there: a training
+step, forward-only log-probs and KV-cached generation (CI's NeMo stage, tests/integrations/test_nemo.py).
 
 megatron-core assumes a GPU in a handful of places. :func:`activate` patches exactly those, and only when
 ``torch.cuda.is_available()`` is False, so behaviour on a GPU never changes. It is idempotent, and
@@ -292,7 +294,9 @@ def _make_cpu_tracker_class(base: type, default_name: str) -> type:
         def fork(self, name: str = default_name) -> Iterator[None]:
             if name not in self.states_:
                 raise Exception(f"rng state {name} is not added")
-            outer_name, outer_state = self._current_state_name, torch.get_rng_state()
+            # megatron-core 0.15 (NeMo 2.7's) has no _current_state_name: forks there are never nested.
+            outer_name = getattr(self, "_current_state_name", "default-rng")
+            outer_state = torch.get_rng_state()
             if outer_name != "default-rng":
                 self.states_[outer_name] = outer_state
             torch.set_rng_state(self.states_[name])
