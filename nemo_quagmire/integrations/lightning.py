@@ -49,21 +49,17 @@ Attaching to NeMo 2 (`llm.finetune`): pass the adapters in the `nl.Trainer`'s ca
     )
     llm.finetune(model=QuagmireGPTModel(config, tokenizer=...), data=..., trainer=trainer, ...)
 
-`llm.GPTModel` has none of the hooks: `QuagmireGPTModel` above is a subclass that adds them. Under NeMo's
-`MegatronStrategy` the module holds megatron-core `GPTModel` chunks, the model replica spans the
-tensor/pipeline-parallel ranks, and so:
+`llm.GPTModel` has none of the hooks: `QuagmireGPTModel` (nemo_quagmire.integrations.nemo) is NeMo's model
+with them, and `QuagmireHooks` is the mixin for any `llm.GPTModel` subclass (Llama, Mistral, Qwen...). They
+run megatron's forward-only schedule for log-probs and sample among the tokenizer's ids only (NeMo pads the
+vocabulary). CI's NeMo stage runs a real `llm.finetune` on CPU with both adapters (tests/integrations/
+test_nemo.py); any other LightningModule is covered by tests/integrations/test_lightning.py.
 
-- `quagmire_data_parallel_group` returns `megatron.core.parallel_state.get_data_parallel_group()`;
-- `quagmire_logprobs` runs the chunks through megatron's forward-only schedule on every TP/PP rank:
-  `nemo_quagmire.megatron.logprobs.compute_logprobs(chunks, tokens, lengths, micro_batch_size=...)` does it
-  for chunks whose forward is megatron's `(tokens, position_ids, attention_mask)`;
-- `quagmire_generate` can use `nemo_quagmire.megatron.rollout_engine.MegatronRolloutEngine(chunks,
-  model_cfg, pad_id=..., eos_id=...)` (pipeline parallelism 1; with Transformer Engine attention pass
-  `equal_length_batches=True` to `PassAtKCallback`), or a vLLM server fed with exported weights.
-
-This adapter is tested with a real Lightning Trainer on CPU (tests/integrations/test_lightning.py); NeMo
-itself is not installed in the test environment (nemo-toolkit 2.7.3 needs numpy < 2 and transformers 4.57,
-see the `[nemo]` extra), so the NeMo subclass above is a recipe, not tested code.
+Where the numbers go: Lightning's loggers (`pl_module.log`, so TensorBoard / W&B / the progress bar of the
+run), and `<default_root_dir>/metrics.jsonl` on global rank 0, the file the predictor report reads
+(`scripts/predict_report.py --sft-runs <default_root_dir>`); graded samples go to
+`<default_root_dir>/eval/step_N/`. The first validation of a run replaces the file's records from its step
+on (a resumed run rewrites what it redoes).
 
 Lightning runs a sanity-check validation before training; the adapters skip it unless
 `run_on_sanity_check=True` (Pass@k at n = 256 would double the first validation's cost for no record).
@@ -75,12 +71,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 from nemo_quagmire.callbacks.heldout_loss import HeldOutLossCallback
 from nemo_quagmire.callbacks.passk import PassAtKCallback
+from nemo_quagmire.integrations.megatron_policy import policy_handle
+from nemo_quagmire.integrations.run_metrics import acquire_metrics_logger, release_metrics_logger
 from nemo_quagmire.trainer.callbacks import Callback, PolicyHandle, Tokenizer
+from nemo_quagmire.trainer.metrics import MetricsLogger
 
 try:
     import lightning.pytorch as pl
@@ -108,37 +104,13 @@ def lightning_policy_handle(
     trainer: pl.Trainer, module: pl.LightningModule, tokenizer: Tokenizer
 ) -> PolicyHandle:
     """The `PolicyHandle` of a LightningModule at the trainer's current step (hooks: module docstring)."""
-    group = getattr(module, GROUP_HOOK, lambda: None)()
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank(group) if distributed else 0
-    size = dist.get_world_size(group) if distributed else 1
-
-    def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-        result = tensor.clone()
-        if size > 1:
-            on_gpu = dist.get_backend(group) == "nccl" and result.device.type == "cpu"
-            reduced = result.cuda() if on_gpu else result
-            dist.all_reduce(reduced, group=group)
-            result = reduced.to(tensor.device)
-        return result
-
-    def all_gather_objects(obj: Any) -> list[Any]:
-        if size == 1:
-            return [obj]
-        gathered: list[Any] = [None] * size
-        dist.all_gather_object(gathered, obj, group=group)
-        return gathered
-
-    return PolicyHandle(
+    return policy_handle(
         step=trainer.global_step,
-        run_dir=Path(trainer.default_root_dir),
+        run_dir=trainer.default_root_dir,
         tokenizer=tokenizer,
         logprobs=getattr(module, LOGPROBS_HOOK, _missing(LOGPROBS_HOOK)),
         generate=getattr(module, GENERATE_HOOK, _missing(GENERATE_HOOK)),
-        all_reduce_sum=all_reduce_sum,
-        all_gather_objects=all_gather_objects,
-        data_parallel_rank=rank,
-        data_parallel_size=size,
+        group=getattr(module, GROUP_HOOK, lambda: None)(),
     )
 
 
@@ -161,6 +133,8 @@ class _LightningAdapter(pl.Callback):
         self.callback = callback
         self.tokenizer = tokenizer
         self.run_on_sanity_check = run_on_sanity_check
+        self._metrics: MetricsLogger | None = None
+        self._run_dir: Path | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Fail before training if the module lacks a hook this callback needs."""
@@ -174,15 +148,23 @@ class _LightningAdapter(pl.Callback):
         if trainer.sanity_checking and not self.run_on_sanity_check:
             return
         handle = lightning_policy_handle(trainer, pl_module, self.tokenizer)
-        for name, value in self.callback.on_validation(handle).items():
+        metrics = self.callback.on_validation(handle)
+        for name, value in metrics.items():
             # Every rank holds the same, already reduced value; sync_dist (a mean of equal values) only keeps
             # Lightning from warning that epoch-level metrics are not synchronised.
             pl_module.log(name, float(value), on_step=False, on_epoch=True, sync_dist=True)
+        if self._metrics is None:
+            self._run_dir = handle.run_dir
+            self._metrics = acquire_metrics_logger(handle.run_dir, first_step=handle.step)
+        self._metrics.log(handle.step, metrics)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         close = getattr(self.callback, "close", None)
         if close is not None:
             close()
+        if self._run_dir is not None:
+            release_metrics_logger(self._run_dir)
+            self._metrics = self._run_dir = None
 
 
 class HeldOutLossLightningCallback(_LightningAdapter):

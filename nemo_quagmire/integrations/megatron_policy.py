@@ -16,14 +16,61 @@ uses, so the held-out loss stays comparable with the run's validation loss.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from nemo_quagmire.rollout.base import RolloutBatch, SamplingParams
+from nemo_quagmire.trainer.callbacks import PolicyHandle, Tokenizer
 
-__all__ = ["MegatronChunksPolicy", "model_config_of"]
+__all__ = ["MegatronChunksPolicy", "model_config_of", "policy_handle"]
+
+
+def policy_handle(
+    *,
+    step: int,
+    run_dir: str | Path,
+    tokenizer: Tokenizer,
+    logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    generate: Callable[..., RolloutBatch],
+    group: Any = None,
+) -> PolicyHandle:
+    """A `PolicyHandle` whose reductions run over `group` (None: the whole world, as under DDP; no process
+    group at all: one rank). Sums of CPU tensors go through the device under NCCL."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank(group) if distributed else 0
+    size = dist.get_world_size(group) if distributed else 1
+
+    def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+        result = tensor.clone()
+        if size > 1:
+            on_gpu = dist.get_backend(group) == "nccl" and result.device.type == "cpu"
+            reduced = result.cuda() if on_gpu else result
+            dist.all_reduce(reduced, group=group)
+            result = reduced.to(tensor.device)
+        return result
+
+    def all_gather_objects(obj: Any) -> list[Any]:
+        if size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * size
+        dist.all_gather_object(gathered, obj, group=group)
+        return gathered
+
+    return PolicyHandle(
+        step=step,
+        run_dir=Path(run_dir),
+        tokenizer=tokenizer,
+        logprobs=logprobs,
+        generate=generate,
+        all_reduce_sum=all_reduce_sum,
+        all_gather_objects=all_gather_objects,
+        data_parallel_rank=rank,
+        data_parallel_size=size,
+    )
 
 
 class _TokenizerVocabulary(torch.nn.Module):

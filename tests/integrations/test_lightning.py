@@ -12,6 +12,7 @@ from nemo_quagmire.callbacks.passk import PassAtKCallback, eval_dir
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig, generate_splits
 from nemo_quagmire.eval.benchmarks import Problem
 from nemo_quagmire.eval.samples import read_samples
+from nemo_quagmire.predict.runs import validation_records
 from nemo_quagmire.rollout.base import SamplingParams
 from nemo_quagmire.trainer.sft_steps import encode_example
 from tests.callbacks.scripted import TOKENIZER, handle, scripted_generate
@@ -144,6 +145,11 @@ def test_a_lightning_run_logs_both_predictors_at_every_validation(tmp_path):
         if name.startswith("val/"):
             assert logged[name] == pytest.approx(value, abs=1e-6), name
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["step_00000002", "step_00000004"]
+    # Both adapters' numbers reach the run's metrics.jsonl, where the predictor report reads them.
+    on_disk = validation_records(tmp_path)
+    assert list(on_disk) == [2, 4]
+    for step, logged, _ in record.seen:
+        assert {k: v for k, v in logged.items() if k.startswith("val/")} == pytest.approx(on_disk[step])
     assert len(read_samples(eval_dir(tmp_path, 4) / "samples.parquet")) == 6 * 4
 
 
