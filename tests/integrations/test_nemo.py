@@ -39,6 +39,7 @@ from nemo_quagmire.integrations.lightning import (  # noqa: E402
     PassAtKLightningCallback,
 )
 from nemo_quagmire.integrations.nemo import QuagmireGPTModel  # noqa: E402
+from nemo_quagmire.predict.runs import validation_records  # noqa: E402
 from nemo_quagmire.rewards.math_grader import MathGrader  # noqa: E402
 from nemo_quagmire.rollout.base import SamplingParams  # noqa: E402
 from nemo_quagmire.trainer.sft_steps import encode_example  # noqa: E402
@@ -196,6 +197,14 @@ def test_the_logged_heldout_loss_equals_an_independent_forward(finetuned):
         assert logged["val/heldout_loss/num_sequences"] == len(SPLITS.heldout_records())
     first, last = (logged["val/heldout_loss/token_mean"] for _, logged, _ in record.seen)
     assert first != last  # the weights changed between validations, and so did the loss
+
+
+def test_the_logged_values_reach_the_run_metrics_file_the_predictor_reads(finetuned):
+    run_dir, record, _, _ = finetuned
+    on_disk = validation_records(run_dir)
+    assert list(on_disk) == [2, 4]
+    for step, logged, _ in record.seen:
+        assert {k: v for k, v in logged.items() if k.startswith("val/")} == pytest.approx(on_disk[step])
 
 
 def test_the_logged_pass_at_k_equals_grading_the_saved_samples(finetuned):
