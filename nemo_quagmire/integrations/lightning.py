@@ -19,35 +19,8 @@ Hooks the LightningModule provides:
   hold different data (None or absent: every rank of the world is a data-parallel replica, as under DDP).
   Work is split over it and sums are all-reduced over it.
 
-Attaching to NeMo 2 (`llm.finetune`): pass the adapters in the `nl.Trainer`'s callbacks::
-
-    from nemo import lightning as nl
-    from nemo.collections import llm
-    from nemo_quagmire.callbacks.heldout_loss import HeldOutLossCallback
-    from nemo_quagmire.callbacks.passk import PassAtKCallback, select_benchmarks
-    from nemo_quagmire.data.hf_tokenizer import HFTokenizer
-    from nemo_quagmire.integrations.lightning import HeldOutLossLightningCallback, PassAtKLightningCallback
-    from nemo_quagmire.rollout.base import SamplingParams
-    from nemo_quagmire.trainer.build import math_prompt_fn
-
-    tokenizer = HFTokenizer("/ckpt/base-hf")
-    heldout = HeldOutLossCallback("data/sft/heldout.jsonl", tokenizer, prompt_template="chat")
-    passk = PassAtKCallback(
-        select_benchmarks(["math500", "aime24"], benchmarks_dir="data/benchmarks"),
-        math_prompt_fn("chat", tokenizer),
-        num_samples=16,
-        sampling=SamplingParams(temperature=1.0, max_new_tokens=2048),
-    )
-    trainer = nl.Trainer(
-        devices=8,
-        strategy=nl.MegatronStrategy(tensor_model_parallel_size=4),
-        val_check_interval=100,
-        callbacks=[
-            HeldOutLossLightningCallback(heldout, tokenizer),
-            PassAtKLightningCallback(passk, tokenizer),
-        ],
-    )
-    llm.finetune(model=QuagmireGPTModel(config, tokenizer=...), data=..., trainer=trainer, ...)
+Attaching to NeMo 2 (`llm.finetune`): pass the adapters in the `nl.Trainer`'s callbacks; the full example
+is docs/frameworks/nemo2.md.
 
 `llm.GPTModel` has none of the hooks: `QuagmireGPTModel` (nemo_quagmire.integrations.nemo) is NeMo's model
 with them, and `QuagmireHooks` is the mixin for any `llm.GPTModel` subclass (Llama, Mistral, Qwen...). They
