@@ -7,7 +7,8 @@ A wrong combination should fail the build, not the first training step on a GPU 
 without CUDA, a Transformer Engine outside the range megatron-core declares for itself (read from
 megatron-core's own metadata, not restated here), a vLLM other than the pinned release, or a vLLM venv that
 cannot start the rollout server the trainer launches (`python -m nemo_quagmire.rollout.vllm_server`).
-Imports and versions only: no GPU is needed, so it runs in `docker build`.
+Imports and versions only (Transformer Engine by version, without importing it): no GPU is needed, so it
+runs in `docker build`.
 """
 
 from __future__ import annotations
@@ -54,14 +55,16 @@ def _version(name: str) -> Version | None:
 def check_trainer() -> list[str]:
     import torch
 
-    problems = _import_problems("transformer_engine.pytorch", "megatron.core", "nemo_quagmire.trainer.build")
+    problems = _import_problems("megatron.core", "nemo_quagmire.trainer.build")
     if torch.version.cuda is None:
         problems.append(f"torch {torch.__version__} is a CPU build: the base image's CUDA torch was replaced")
+    # Transformer Engine by its metadata only: importing it loads CUDA libraries, and `docker build` may run
+    # without a GPU driver.
     te_version, mcore_version = _version("transformer_engine"), _version("megatron-core")
+    for name, found in (("transformer_engine", te_version), ("megatron-core", mcore_version)):
+        if found is None:
+            problems.append(f"{name} is not installed in {sys.executable}")
     if te_version is None or mcore_version is None:
-        problems.append(
-            f"transformer_engine {te_version} / megatron-core {mcore_version}: both must be installed"
-        )
         return problems
     wanted = declared_te_range(requires("megatron-core"))
     if wanted is not None and not wanted.specifier.contains(te_version, prereleases=True):
