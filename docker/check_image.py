@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from importlib.metadata import PackageNotFoundError, requires, version
 
@@ -80,14 +79,12 @@ def check_trainer() -> list[str]:
 
 
 def check_vllm(expected_vllm: str) -> list[str]:
-    problems = _import_problems("vllm")
+    # The server module needs only the light dependencies (no megatron-core): if it does not import here,
+    # the trainer cannot start its engines.
+    problems = _import_problems("vllm", VLLM_SERVER_MODULE)
     vllm_version = _version("vllm")
     if vllm_version != Version(expected_vllm):
         problems.append(f"vllm {vllm_version} installed, {expected_vllm} pinned (VLLM_VERSION)")
-    if importlib.util.find_spec(VLLM_SERVER_MODULE) is None:
-        problems.append(
-            f"{VLLM_SERVER_MODULE} is not importable: the trainer could not start its vLLM server"
-        )
     print(f"vllm env: vllm {vllm_version}")
     return problems
 
