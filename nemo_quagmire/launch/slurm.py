@@ -135,8 +135,10 @@ def render_sbatch(job: SlurmJob, *, generated_by: str = "scripts/launch_slurm.py
         body.append(f"cd {shlex.quote(job.workdir)}")
     body += [f"export {name}={shlex.quote(value)}" for name, value in sorted(job.exports.items())]
     body += [
-        "# The first node of the allocation hosts the c10d rendezvous (the nodelist may be compressed).",
-        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "# The first node of the allocation hosts the c10d rendezvous (the nodelist may be compressed). No",
+        "# `| head -n 1`: under pipefail, scontrol killed by SIGPIPE would fail the job at random.",
+        'nodes=$(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+        "head_node=${nodes%%$'\\n'*}",
         f'echo "job $SLURM_JOB_ID: $SLURM_NNODES node(s) x {job.gpus_per_node} GPU(s), rendezvous at '
         f'$head_node:{job.rdzv_port}"',
         "",

@@ -27,9 +27,12 @@ FAKE_SRUN = """#!/bin/bash
 while [[ $# -gt 0 && $1 == --* ]]; do echo "$1" >> "$FAKE_SRUN_LOG"; shift; done
 exec "$@"
 """
+# Writes the hostnames one by one with a pause, as a slow scontrol might: a script that reads only the first
+# line through a pipe (`| head -n 1`) then has scontrol killed by SIGPIPE, which `set -o pipefail` turns into
+# a failed job.
 FAKE_SCONTROL = """#!/bin/bash
 [[ $1 == show && $2 == hostnames && $3 == "$SLURM_JOB_NODELIST" ]] || { echo "bad call: $*" >&2; exit 1; }
-printf '%s\\n' $FAKE_HOSTNAMES
+for host in $FAKE_HOSTNAMES; do echo "$host"; sleep 0.2; done
 """
 # Stands in for the nodes' python: writes the arguments it was started with, one per line.
 FAKE_PYTHON = """#!/bin/bash
