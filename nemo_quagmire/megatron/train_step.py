@@ -53,9 +53,11 @@ class OptimConfig(BaseModel):
     lr: PositiveFloat = Field(default=1e-6, description="Peak learning rate (GRPO on 4-12B: ~1e-6).")
     min_lr: NonNegativeFloat = Field(default=0.0, description="Floor of the decay.")
     weight_decay: NonNegativeFloat = Field(default=0.01, description="Decoupled (AdamW); not on norms.")
-    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
-    adam_beta2: float = Field(default=0.999, ge=0.0, lt=1.0)
-    adam_eps: PositiveFloat = 1e-8
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="Adam decay of the gradient mean.")
+    adam_beta2: float = Field(
+        default=0.999, ge=0.0, lt=1.0, description="Adam decay of the squared-gradient mean."
+    )
+    adam_eps: PositiveFloat = Field(default=1e-8, description="Added to the Adam denominator.")
     clip_grad: NonNegativeFloat = Field(default=1.0, description="Global grad-norm clip; 0 = off.")
     lr_warmup_steps: NonNegativeInt = Field(
         default=0,
@@ -65,7 +67,9 @@ class OptimConfig(BaseModel):
         default=None,
         description="Step at which the decay reaches min_lr; needed unless lr_decay_style is constant.",
     )
-    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    lr_decay_style: Literal["constant", "linear", "cosine"] = Field(
+        default="constant", description="Shape of the decay from lr to min_lr after the warm-up."
+    )
     use_distributed_optimizer: bool = Field(
         default=True, description="Shard optimizer state over data-parallel ranks (ZeRO-1)."
     )

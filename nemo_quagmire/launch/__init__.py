@@ -1,0 +1,1 @@
+"""Job launchers: Slurm batch scripts that start torchrun on every node (`scripts/launch_slurm.py`)."""
