@@ -5,9 +5,9 @@ details; everything around it is here, once, so the two runs behave the same whe
 
 - set-up: seed from the run's seed (the initial weights do not depend on what ran before in the
   process), build the model, load initial weights (an HF directory or a checkpoint of another run, e.g. SFT
-  for GRPO) unless resuming, create optimizer and LR scheduler, and resume from the newest complete
+  for GRPO) unless resuming, create optimizer and LR scheduler, and resume from the newest intact
   checkpoint of `<run_dir>/checkpoints` (weights, optimizer, scheduler, RNG states and the trainer's own
-  state), so a resumed run repeats the uninterrupted one exactly;
+  state; a damaged newer one is named and skipped), so a resumed run repeats the uninterrupted one exactly;
 - the loop (`fit`): validate at the start (not after a resume: that validation is already logged), then
   train, validating every `validation.interval` steps and at the end and checkpointing every
   `checkpoint.interval` steps and at the end (keeping the newest `checkpoint.keep_last`), with a progress
@@ -137,13 +137,13 @@ class RunLoop:
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> int | None:
         """Build model and optimizer, load initial weights or resume; returns the resumed step or None."""
-        from nemo_quagmire.megatron.checkpoint import latest_checkpoint, load_checkpoint
+        from nemo_quagmire.megatron.checkpoint import load_checkpoint, resumable_checkpoint
         from nemo_quagmire.megatron.model import build_model
         from nemo_quagmire.megatron.parallel import set_random_seed
         from nemo_quagmire.megatron.train_step import setup_training
 
         cfg = self.cfg
-        resume_from = latest_checkpoint(self.checkpoint_dir) if cfg.checkpoint.resume == "auto" else None
+        resume_from = resumable_checkpoint(self.checkpoint_dir) if cfg.checkpoint.resume == "auto" else None
         set_random_seed(cfg.seed)  # the initial weights depend on the seed alone, not on what ran before
         model = build_model(cfg.model, cfg.parallel)
         if resume_from is None:

@@ -10,14 +10,24 @@ so an input error leaves nothing behind.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 
-__all__ = ["EXIT_INPUT_ERROR", "EXIT_INTERRUPTED", "EXIT_PREEMPTED", "InputError", "cli_main"]
+__all__ = [
+    "EXIT_INPUT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_PREEMPTED",
+    "OUTPUT_ERRNOS",
+    "InputError",
+    "cli_main",
+]
 
 EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped early on request, after a checkpoint
+# Where the output cannot go: reported like an input error (the user picks the location), not a crash.
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 
 
 class InputError(ValueError):
@@ -27,14 +37,21 @@ class InputError(ValueError):
 def cli_main(main: Callable[[], int | None], *, prefix: str = "error") -> int:
     """Run a script's `main` under the error contract; returns the exit code.
 
-    `InputError` -> its message and 2; `KeyboardInterrupt` -> "interrupted" and 130. A `SystemExit`
-    (argparse's usage errors exit 2 already) passes through; any other exception is a bug and keeps its
-    traceback.
+    `InputError` -> its message and 2; an `OSError` of a full disk, quota, read-only file system or missing
+    permission -> what could not be written and 2 (the writers leave nothing partial); `KeyboardInterrupt`
+    -> "interrupted" and 130. A `SystemExit` (argparse's usage errors exit 2 already) passes through; any
+    other exception is a bug and keeps its traceback.
     """
     try:
         return int(main() or 0)
     except InputError as error:
         print(f"{prefix}: {error}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except OSError as error:
+        if error.errno not in OUTPUT_ERRNOS:
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"{prefix}: {error.strerror}{where}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
