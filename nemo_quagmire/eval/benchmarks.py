@@ -40,6 +40,10 @@ class BenchmarkError(InputError):
     """A benchmark file or name is invalid (the message names the file:line or the bad name)."""
 
 
+class MissingBenchmarksError(BenchmarkError, FileNotFoundError):
+    """The benchmark directory or a standard benchmark's file does not exist."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One benchmark row. `answer` is the gold final answer (LaTeX without `$`); `solution` may be empty."""
@@ -60,13 +64,13 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     if data_dir is None:
         env = os.environ.get(BENCHMARKS_DIR_ENV)
         if not env:
-            raise FileNotFoundError(
+            raise MissingBenchmarksError(
                 f"no benchmark directory: pass data_dir or set {BENCHMARKS_DIR_ENV}; {PREPARE_HINT}"
             )
         data_dir = env
     path = Path(data_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"benchmark directory {path} does not exist; {PREPARE_HINT}")
+        raise MissingBenchmarksError(f"benchmark directory {path} does not exist; {PREPARE_HINT}")
     return path
 
 
@@ -104,7 +108,7 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None = None) -> list
     path = root / f"{name}.jsonl"
     if not path.is_file():
         if name in STANDARD_BENCHMARKS:
-            raise FileNotFoundError(f"benchmark file {path} does not exist; {PREPARE_HINT}")
+            raise MissingBenchmarksError(f"benchmark file {path} does not exist; {PREPARE_HINT}")
         raise BenchmarkError(
             f"unknown benchmark {name!r}: no {path.name} in {root}; available: "
             f"{', '.join(available_benchmarks(root)) or 'none'}"
