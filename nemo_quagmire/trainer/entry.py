@@ -14,6 +14,7 @@ config recorded in `<run_dir>/.hydra/` and the log mirrored to `<run_dir>/<scrip
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 from collections.abc import Callable
@@ -41,24 +42,43 @@ def hydra_entry(
 
     exit_code: list[int] = []
     started: list[bool] = []
+    console = sys.stderr
+    held = io.StringIO()  # Hydra's messages until the task starts: its errors may carry a traceback
 
     def task(raw: DictConfig) -> None:
         started.append(True)
+        sys.stderr = console
+        console.write(held.getvalue())
         exit_code.append(cli_main(lambda: _run(raw, schema, plan=plan, build=build, what=what)))
 
     saved_argv = sys.argv
     if argv is not None:
         sys.argv = [saved_argv[0], *argv]
+    sys.stderr = held
     try:
         hydra.main(version_base=None, config_path=str(config_dir), config_name=config_name)(task)()
     except SystemExit as error:
         if started:  # a bug inside the task: Hydra printed its traceback
             raise
-        # Hydra reports its own errors (unknown key, bad YAML, missing config) on stderr, then exits 1.
+        # Hydra's own errors (unknown key, bad YAML, missing config): its message, exit 2.
+        console.write(_without_traceback(held.getvalue()))
         return EXIT_INPUT_ERROR if error.code == 1 else int(error.code or 0)
     finally:
         sys.argv = saved_argv
+        sys.stderr = console
     return exit_code[0] if exit_code else 0  # no task run: --help, --cfg
+
+
+def _without_traceback(text: str) -> str:
+    """`text` minus the "Traceback ..." blocks (their indented frame lines), keeping the error lines."""
+    kept, in_traceback = [], False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("Traceback (most recent call last):"):
+            in_traceback = True
+        elif not (in_traceback and line.startswith((" ", "\t"))):
+            in_traceback = False
+            kept.append(line)
+    return "".join(kept)
 
 
 def _run(raw: Any, schema: type, *, plan: Callable, build: Callable, what: str) -> int:
