@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from nemo_quagmire.callbacks.passk import MAX_NUM_SAMPLES, SYNTHETIC, PassAtKCallback
-from nemo_quagmire.utils.io import atomic_write
+from nemo_quagmire.rewards.pool import check_num_workers, usable_cpus
+from nemo_quagmire.utils import errors
+from nemo_quagmire.utils.io import atomic_write, check_output_dir
 from nemo_quagmire.utils.logging import configure_logging, get_logger
 
 logger = get_logger("scripts.evaluate")
@@ -44,7 +46,7 @@ logger = get_logger("scripts.evaluate")
 METRICS_FILE = "metrics.json"
 
 
-class InputError(ValueError):
+class InputError(errors.InputError):
     """An argument or input file is invalid (exit code 2)."""
 
 
@@ -76,7 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--tokenizer", default=None, help="tokenizer directory (HF or this project's char one)"
     )
     parser.add_argument("--rows-per-batch", type=int, default=256, help="completions per generation call")
-    parser.add_argument("--grader-workers", type=int, default=2)
+    parser.add_argument("--grader-workers", type=int, default=min(2, usable_cpus()), help="<= the CPUs")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--synthetic-seed", type=int, default=1234, help="the SFT/GRPO run's seed")
     parser.add_argument("--synthetic-heldout", type=int, default=256, help="the run's data.num_heldout")
@@ -153,11 +155,13 @@ def load_tokenizer(args: argparse.Namespace, checkpoint: Path) -> Any:
 def model_config_of(checkpoint: Path) -> tuple[Any, int]:
     """The checkpoint's model config and step (0 for an HF directory)."""
     from nemo_quagmire.config.model import ModelConfig
-    from nemo_quagmire.megatron.checkpoint import META_FILE
+    from nemo_quagmire.megatron.checkpoint import META_FILE, checkpoint_problems, read_checkpoint_meta
     from nemo_quagmire.megatron.hf import model_config_from_hf
 
     if (checkpoint / META_FILE).is_file():
-        meta = json.loads((checkpoint / META_FILE).read_text(encoding="utf-8"))
+        if problems := checkpoint_problems(checkpoint):  # before the model is built
+            raise InputError(f"checkpoint {checkpoint} is damaged: {', '.join(problems)}")
+        meta = read_checkpoint_meta(checkpoint)
         return ModelConfig.model_validate(meta["model_config"]), int(meta["step"])
     if (checkpoint / "config.json").is_file():
         return model_config_from_hf(checkpoint), 0
@@ -283,13 +287,16 @@ def _write_metrics(out: Path, result: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The exit code: 0 done, 2 bad input (message on stderr, nothing written), 130 Ctrl-C."""
+    return errors.cli_main(lambda: _evaluate_main(argv))
+
+
+def _evaluate_main(argv: Sequence[str] | None) -> int:
     configure_logging()
-    try:
-        args = parse_args(argv)
-        result = regrade(args) if args.regrade is not None else evaluate_checkpoint(args)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args = parse_args(argv)
+    check_output_dir(args.out, "--out")
+    check_num_workers(args.grader_workers, "--grader-workers")
+    result = regrade(args) if args.regrade is not None else evaluate_checkpoint(args)
     width = max(len(name) for name in result["metrics"])
     for name, value in sorted(result["metrics"].items()):
         if not name.startswith("timing/"):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -34,7 +33,10 @@ from tqdm import tqdm
 from nemo_quagmire.eval.benchmarks import BenchmarkError, Problem, load_benchmark
 from nemo_quagmire.eval.grading import GradedSample, compute_metrics, format_metrics_table, resolve_ks
 from nemo_quagmire.rewards.math_grader import MathGrader
-from nemo_quagmire.utils.io import atomic_write
+from nemo_quagmire.rewards.pool import check_num_workers, usable_cpus
+from nemo_quagmire.utils import errors
+from nemo_quagmire.utils.io import check_output_dir, write_outputs
+from nemo_quagmire.utils.json_lines import iter_lines, parse_json_line
 from nemo_quagmire.utils.logging import configure_logging, get_logger
 
 logger = get_logger("grade")
@@ -43,7 +45,7 @@ REQUIRED_KEYS = ("benchmark", "id", "completion")
 MAX_REPORTED_ERRORS = 20
 
 
-class InputError(ValueError):
+class InputError(errors.InputError):
     """The samples file (or the benchmark data it refers to) is invalid; the message lists every problem."""
 
 
@@ -56,20 +58,19 @@ def read_samples(path: Path, benchmarks_dir: Path) -> tuple[list[dict], list[Pro
     Raises:
         InputError: listing each bad line as `file:line: problem` (the first `MAX_REPORTED_ERRORS`).
     """
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read samples file {path}: {err}") from err
+    if not path.is_file():
+        raise InputError(f"samples file {path} does not exist")
     benchmarks: dict[str, dict[str, Problem] | str] = {}  # name -> problems by id, or why it cannot load
     records: list[dict] = []
     problems: list[Problem] = []
     errors: list[str] = []
-    for lineno, line in enumerate(lines, start=1):
-        where = f"{path}:{lineno}"
+    num_lines = 0
+    for where, line in iter_lines(path, InputError):
+        num_lines += 1
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            errors.append(f"{where}: not valid JSON ({err.msg}, column {err.colno})")
+            record = parse_json_line(line, where, InputError)
+        except InputError as err:
+            errors.append(str(err))
             continue
         if not isinstance(record, dict):
             errors.append(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -95,7 +96,7 @@ def read_samples(path: Path, benchmarks_dir: Path) -> tuple[list[dict], list[Pro
         else:
             records.append(record)
             problems.append(known[record["id"]])
-    if not lines:
+    if not num_lines:
         errors.append(f"{path}: no samples in the file")
     for name, known in benchmarks.items():
         covered = len({p.id for p in problems if p.benchmark == name})
@@ -134,6 +135,11 @@ def _positive(kind: type) -> Callable[[str], int | float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit code: 0 done, 2 bad input (message on stderr, nothing written), 130 Ctrl-C."""
+    return errors.cli_main(lambda: _grade(argv))
+
+
+def _grade(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=Path, required=True, help="JSONL of {benchmark, id, completion}")
     parser.add_argument("--benchmarks-dir", type=Path, required=True, help="directory of <benchmark>.jsonl")
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "--k", type=_parse_ks, help="ks for pass@k/maj@k, e.g. 1,2,4 (default: powers of two)"
     )
     parser.add_argument(
-        "--workers", type=_positive(int), default=os.cpu_count() or 1, help="grading processes"
+        "--workers", type=_positive(int), default=usable_cpus(), help="grading processes (<= the CPUs)"
     )
     parser.add_argument(
         "--timeout", type=_positive(float), default=5.0, help="seconds per sample before it counts as wrong"
@@ -150,12 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
 
+    check_num_workers(args.workers, "--workers")
+    check_output_dir(args.out, "--out")
+    records, problems = read_samples(args.samples, args.benchmarks_dir)
     try:
-        records, problems = read_samples(args.samples, args.benchmarks_dir)
         ks = resolve_ks(Counter((p.benchmark, p.id) for p in problems), args.k)
-    except (InputError, ValueError) as err:
-        logger.error("%s", err)
-        return 2
+    except ValueError as err:
+        raise InputError(str(err)) from None
     logger.info(
         "grading %d samples of %d problems", len(records), len({(p.benchmark, p.id) for p in problems})
     )
@@ -182,10 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         {**record, "correct": r.correct, "extracted": r.extracted, "reason": r.reason}
         for record, r in zip(records, results, strict=True)
     ]
-    with atomic_write(args.out / "graded.jsonl") as handle:
-        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in graded)
-    with atomic_write(args.out / "metrics.json") as handle:
-        handle.write(json.dumps(metrics, indent=2) + "\n")
+    write_outputs(
+        args.out,
+        {
+            "graded.jsonl": "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in graded),
+            "metrics.json": json.dumps(metrics, indent=2) + "\n",
+        },
+    )
     logger.info("wrote %s and %s", args.out / "graded.jsonl", args.out / "metrics.json")
     print(format_metrics_table(metrics))
     return 0

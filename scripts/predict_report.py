@@ -45,8 +45,9 @@ from nemo_quagmire.predict.analysis import (
 )
 from nemo_quagmire.predict.report import render_html
 from nemo_quagmire.predict.runs import DEFAULT_RL_METRIC, table_from_runs
-from nemo_quagmire.predict.table import PredictInputError, Table, read_table, table_to_csv
-from nemo_quagmire.utils.io import atomic_write
+from nemo_quagmire.predict.table import Table, read_table, table_to_csv
+from nemo_quagmire.utils.errors import cli_main
+from nemo_quagmire.utils.io import check_output_dir, write_outputs
 from nemo_quagmire.utils.logging import configure_logging, get_logger
 
 logger = get_logger("predict_report")
@@ -99,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit code: 0 done, 2 bad input (message on stderr, nothing written), 130 Ctrl-C."""
+    return cli_main(lambda: _report(argv))
+
+
+def _report(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.table is not None and (args.sft_runs or args.rl_runs):
@@ -111,24 +117,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--target names a --table column; with run directories use --rl-metric")
     configure_logging()
 
-    try:
-        feature_sets = parse_feature_sets(args.features) if args.features else None
-        if args.table is not None:
-            used = list(dict.fromkeys(f for s in feature_sets for f in s)) if feature_sets else None
-            table: Table = read_table(args.table, args.target, used)
-        else:
-            table = table_from_runs(args.sft_runs, args.rl_runs, args.rl_metric)
-        analysis = analyze(
-            table,
-            feature_sets,
-            resamples=args.bootstrap,
-            seed=args.seed,
-            level=args.level,
-            higher_is_better=not args.lower_is_better,
-        )
-    except PredictInputError as err:
-        logger.error("%s", err)
-        return 2
+    check_output_dir(args.out, "--out")
+    feature_sets = parse_feature_sets(args.features) if args.features else None
+    if args.table is not None:
+        used = list(dict.fromkeys(f for s in feature_sets for f in s)) if feature_sets else None
+        table: Table = read_table(args.table, args.target, used)
+    else:
+        table = table_from_runs(args.sft_runs, args.rl_runs, args.rl_metric)
+    analysis = analyze(
+        table,
+        feature_sets,
+        resamples=args.bootstrap,
+        seed=args.seed,
+        level=args.level,
+        higher_is_better=not args.lower_is_better,
+    )
     summary = summarize(analysis)
     outputs = {
         "fit.json": json.dumps(fit_records(analysis), indent=2) + "\n",
@@ -137,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.table is None:
         outputs["table.csv"] = table_to_csv(table)
-    for name, text in outputs.items():
-        with atomic_write(args.out / name) as handle:
-            handle.write(text)
+    write_outputs(args.out, outputs)
     print("\n".join(summary))
     print("wrote " + ", ".join(str(args.out / name) for name in outputs))
     return 0

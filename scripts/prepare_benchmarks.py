@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from nemo_quagmire.eval.benchmarks import FIELDS, STANDARD_BENCHMARKS
-from nemo_quagmire.utils.io import atomic_write
+from nemo_quagmire.utils.errors import InputError, cli_main
+from nemo_quagmire.utils.io import check_output_dir, write_outputs
 from nemo_quagmire.utils.logging import configure_logging, get_logger
 
 logger = get_logger("prepare_benchmarks")
@@ -366,14 +367,17 @@ def prepare(out: Path, source_dir: Path | None, check_blobs: bool = True) -> dic
     if unused := sorted(set(REPAIRS) - used_repairs):
         raise PrepareError(f"repairs for ids not found in the sources: {unused}")
     sums = "".join(f"{hashlib.sha256(files[n]).hexdigest()}  {n}\n" for n in sorted(files))
-    for filename, content in [*files.items(), ("SHA256SUMS", sums.encode())]:
-        with atomic_write(out / filename, "wb") as handle:
-            handle.write(content)
+    write_outputs(out, {**files, "SHA256SUMS": sums.encode()})
     logger.info("wrote %d benchmark files and SHA256SUMS to %s", len(files), out)
     return {name.removesuffix(".jsonl"): content.count(b"\n") for name, content in files.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit code: 0 done, 1 a source file is missing or altered, 2 bad arguments, 130 Ctrl-C."""
+    return cli_main(lambda: _prepare_main(argv))
+
+
+def _prepare_main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
     parser.add_argument(
@@ -388,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     configure_logging()
+    check_output_dir(args.out, "--out")
+    if args.source_dir is not None and not args.source_dir.is_dir():
+        raise InputError(f"--source-dir {args.source_dir} is not a directory")
     try:
         prepare(args.out, args.source_dir, check_blobs=not args.no_blob_check)
     except (PrepareError, OSError) as err:

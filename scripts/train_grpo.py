@@ -6,30 +6,33 @@
     python scripts/train_grpo.py max_steps=20 grpo.group_size=4       # Hydra overrides
 
 Multi-process runs go through torchrun (`torchrun --nproc-per-node 8 scripts/train_grpo.py ...`).
-Config errors name the key, the value and the fix, and exit with code 2 before anything starts.
+Config errors name the key, the value and the fix, and exit with code 2 before anything starts or is
+written. SIGTERM (Slurm pre-emption) checkpoints after the current step and exits 143; rerun to resume.
 """
 
 from __future__ import annotations
 
 import sys
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from nemo_quagmire.config.errors import validate_or_exit
 from nemo_quagmire.config.grpo import GRPORunConfig
+from nemo_quagmire.config.run import CONF_DIR
 from nemo_quagmire.plan.grpo import plan_grpo_run
 from nemo_quagmire.trainer.build import build_grpo_trainer
-from nemo_quagmire.trainer.entry import plan_or_train
-from nemo_quagmire.utils.logging import configure_logging
+from nemo_quagmire.trainer.entry import hydra_entry
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="tiny")
-def main(raw: DictConfig) -> None:
-    configure_logging()
-    cfg = validate_or_exit(GRPORunConfig, OmegaConf.to_container(raw, resolve=True), "GRPO config")
-    sys.exit(plan_or_train(cfg, plan=plan_grpo_run, build=build_grpo_trainer, what="GRPO config"))
+def main(argv: list[str] | None = None) -> int:
+    """The exit code (see nemo_quagmire/trainer/entry.py): 0 done, 2 bad input, 143 stopped by SIGTERM."""
+    return hydra_entry(
+        GRPORunConfig,
+        config_dir=CONF_DIR,
+        config_name="tiny",
+        plan=plan_grpo_run,
+        build=build_grpo_trainer,
+        what="GRPO config",
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,31 +6,33 @@
     python scripts/train_sft.py sft.epochs=2 optim.lr=1e-3            # Hydra overrides
 
 Multi-process runs go through torchrun (`torchrun --nproc-per-node 8 scripts/train_sft.py ...`). A run
-resumes from the newest checkpoint in its run_dir. Config errors name the key, the value and the fix, and
-exit with code 2 before anything starts.
+resumes from the newest intact checkpoint in its run_dir. Config errors name the key, the value and the
+fix, and exit with code 2 before anything starts or is written. SIGTERM (Slurm pre-emption) checkpoints
+after the current step and exits 143; rerun to resume.
 """
 
 from __future__ import annotations
 
 import sys
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from nemo_quagmire.config.errors import validate_or_exit
-from nemo_quagmire.config.sft import SFTRunConfig
+from nemo_quagmire.config.sft import SFT_CONF_DIR, SFTRunConfig
 from nemo_quagmire.plan.sft import plan_sft_run
 from nemo_quagmire.trainer.build import build_sft_trainer
-from nemo_quagmire.trainer.entry import plan_or_train
-from nemo_quagmire.utils.logging import configure_logging
+from nemo_quagmire.trainer.entry import hydra_entry
 
 
-@hydra.main(version_base=None, config_path="../conf/sft", config_name="tiny")
-def main(raw: DictConfig) -> None:
-    configure_logging()
-    cfg = validate_or_exit(SFTRunConfig, OmegaConf.to_container(raw, resolve=True), "SFT config")
-    sys.exit(plan_or_train(cfg, plan=plan_sft_run, build=build_sft_trainer, what="SFT config"))
+def main(argv: list[str] | None = None) -> int:
+    """The exit code (see nemo_quagmire/trainer/entry.py): 0 done, 2 bad input, 143 stopped by SIGTERM."""
+    return hydra_entry(
+        SFTRunConfig,
+        config_dir=SFT_CONF_DIR,
+        config_name="tiny",
+        plan=plan_sft_run,
+        build=build_sft_trainer,
+        what="SFT config",
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

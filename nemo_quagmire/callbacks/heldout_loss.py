@@ -28,16 +28,17 @@ from pathlib import Path
 
 import torch
 
-from nemo_quagmire.data.jsonl import iter_json_lines
 from nemo_quagmire.trainer.callbacks import Callback, PolicyHandle, Tokenizer
 from nemo_quagmire.trainer.sft_steps import EncodedExample, PromptTemplate, encode_example
+from nemo_quagmire.utils.errors import InputError
+from nemo_quagmire.utils.json_lines import iter_json_lines
 
 __all__ = ["HeldOutDataError", "HeldOutLossCallback", "heldout_nll_sums", "read_heldout_examples"]
 
 PREFIX = "val/heldout_loss"
 
 
-class HeldOutDataError(ValueError):
+class HeldOutDataError(InputError):
     """A held-out example is invalid (the message names `file:line` or the example's index)."""
 
 

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from nemo_quagmire.algorithms.advantages import get_advantage_estimator
 from nemo_quagmire.algorithms.losses import AggMode, KLEstimator
 from nemo_quagmire.config.model import ModelConfig
 from nemo_quagmire.config.run import (
@@ -32,6 +33,7 @@ from nemo_quagmire.config.run import (
     CheckpointConfig,
     LoggingConfig,
     ValidationConfig,
+    check_files_used,
     compose_config,
     model_from_preset,
 )
@@ -102,6 +104,12 @@ class GRPOConfig(_Config):
     max_consecutive_nonfinite: PositiveInt = Field(
         default=3, description="Abort after this many steps in a row with a NaN/Inf loss (each is skipped)."
     )
+
+    @field_validator("advantage_estimator")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        get_advantage_estimator(name)  # an unknown name fails here, listing the registered ones
+        return name
 
     @model_validator(mode="after")
     def _check(self) -> GRPOConfig:
@@ -175,6 +183,7 @@ class DataConfig(_Config):
                 "data.task=jsonl needs data.train_file (JSONL of {id, problem, answer}) and data.tokenizer "
                 "(a local HF tokenizer directory)"
             )
+        check_files_used(self)
         return self
 
 
@@ -229,6 +238,7 @@ class GRPORunConfig(_Config):
             )
         if self.validation.heldout_source_missing(synthetic_task=self.data.task == "synthetic"):
             raise ValueError(HELDOUT_MISSING)
+        self.validation.check_benchmarks_encodable(synthetic_task=self.data.task == "synthetic")
         return self
 
 

@@ -17,11 +17,13 @@ from pydantic import (
     Field,
     NonNegativeFloat,
     PositiveInt,
+    field_validator,
     model_validator,
 )
 
-from nemo_quagmire.callbacks.passk import MAX_NUM_SAMPLES
+from nemo_quagmire.callbacks.passk import MAX_NUM_SAMPLES, SYNTHETIC
 from nemo_quagmire.config.model import ModelConfig, get_model_preset
+from nemo_quagmire.eval.benchmarks import check_benchmark_name
 
 __all__ = [
     "CONF_DIR",
@@ -30,6 +32,7 @@ __all__ = [
     "FrozenConfig",
     "LoggingConfig",
     "ValidationConfig",
+    "check_files_used",
     "compose_config",
     "model_from_preset",
 ]
@@ -112,14 +115,34 @@ class ValidationConfig(FrozenConfig):
     )
     heldout_batch_size: PositiveInt = Field(default=32, description="Held-out examples per forward pass.")
 
+    @field_validator("benchmarks")
+    @classmethod
+    def _plain_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            check_benchmark_name(name)  # a path would load a file outside benchmarks_dir
+        return names
+
     @model_validator(mode="after")
     def _check(self) -> ValidationConfig:
+        if self.heldout_file is not None and not self.heldout_loss:
+            raise ValueError(
+                f"validation.heldout_file={self.heldout_file!r} is set but validation.heldout_loss=false, so "
+                "it would be ignored; set heldout_loss=true or remove heldout_file"
+            )
         if self.ks is not None and max(self.ks) > self.num_samples:
             raise ValueError(
                 f"validation.ks asks for pass@{max(self.ks)} but validation.num_samples={self.num_samples}: "
                 f"k cannot exceed n; lower the ks or raise num_samples"
             )
         return self
+
+    def check_benchmarks_encodable(self, synthetic_task: bool) -> None:
+        """The synthetic task's character tokenizer encodes its own problems only."""
+        if synthetic_task and (math := [name for name in self.benchmarks if name != SYNTHETIC]):
+            raise ValueError(
+                f"validation.benchmarks lists {math}, but the synthetic task's character tokenizer cannot "
+                f"encode math benchmarks; validate on [{SYNTHETIC}] or use data.task=jsonl"
+            )
 
     def heldout_source_missing(self, synthetic_task: bool) -> bool:
         """True if held-out loss is asked for but there is nothing to compute it on."""
@@ -131,6 +154,19 @@ HELDOUT_MISSING = (
     "built-in held-out split; set validation.heldout_file (JSONL of {prompt, response}) or "
     "validation.heldout_loss=false"
 )
+
+
+def check_files_used(data: BaseModel) -> None:
+    """A data section's file keys are read only by `task=jsonl`; set under the synthetic task they would be
+    silently ignored (training on synthetic data while the user believes it is theirs): an error."""
+    if data.task == "jsonl":
+        return
+    if unused := [key for key in ("train_file", "tokenizer") if getattr(data, key) is not None]:
+        raise ValueError(
+            f"data.{' and data.'.join(unused)} set but data.task={data.task!r} does not read "
+            f"{'them' if len(unused) > 1 else 'it'}; set data.task=jsonl to train on the file, or remove "
+            f"{' and '.join(unused)}"
+        )
 
 
 class LoggingConfig(FrozenConfig):

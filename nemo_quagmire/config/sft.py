@@ -27,6 +27,7 @@ from nemo_quagmire.config.run import (
     FrozenConfig,
     LoggingConfig,
     ValidationConfig,
+    check_files_used,
     compose_config,
     model_from_preset,
 )
@@ -99,6 +100,7 @@ class SFTDataConfig(FrozenConfig):
             )
         if self.task == "synthetic" and self.prompt_template == "chat":
             raise ValueError("data.prompt_template=chat needs an HF tokenizer (data.task=jsonl); use raw")
+        check_files_used(self)
         return self
 
 
@@ -137,6 +139,7 @@ class SFTRunConfig(FrozenConfig):
             )
         if self.validation.heldout_source_missing(synthetic_task=self.data.task == "synthetic"):
             raise ValueError(HELDOUT_MISSING)
+        self.validation.check_benchmarks_encodable(synthetic_task=self.data.task == "synthetic")
         dp = self.parallel.data_parallel_size
         if dp is not None and self.sft.global_batch_size % dp:
             raise ValueError(

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
 
+from nemo_quagmire.utils.errors import InputError
 from nemo_quagmire.utils.io import atomic_write
+from nemo_quagmire.utils.json_lines import iter_json_lines
 
 __all__ = ["RL_FIELDS", "SFT_FIELDS", "RecordFileError", "read_records", "write_records"]
 
@@ -19,7 +20,7 @@ SFT_FIELDS = ("prompt", "response")  # SFT and held-out examples
 RL_FIELDS = ("id", "prompt", "answer")  # RL prompts with their gold answers
 
 
-class RecordFileError(ValueError):
+class RecordFileError(InputError):
     """A record file does not match its schema (the message names `file:line`)."""
 
 
@@ -33,19 +34,6 @@ def write_records(path: str | os.PathLike, records: Iterable[Mapping[str, object
     return count
 
 
-def iter_json_lines(path: str | os.PathLike, error: type[Exception]) -> Iterator[tuple[str, object]]:
-    """`("file:line", parsed value)` for each line of a JSONL file; a line that is not JSON raises `error`
-    naming file:line and column."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise error(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from err
-
-
 def read_records(path: str | os.PathLike, fields: Sequence[str]) -> list[dict[str, str]]:
     """Read a JSONL file whose lines are objects with exactly the string keys `fields`, in file order.
 
@@ -53,6 +41,8 @@ def read_records(path: str | os.PathLike, fields: Sequence[str]) -> list[dict[st
         RecordFileError: a line is not JSON, not an object, has other keys, or a non-string value; or the
             file is empty.
     """
+    if not os.path.isfile(path):
+        raise RecordFileError(f"{path}: no such file")
     records: list[dict[str, str]] = []
     for where, record in iter_json_lines(path, RecordFileError):
         if not isinstance(record, dict) or set(record) != set(fields):

@@ -13,12 +13,15 @@ or, if that is None, the environment variable `NEMO_QUAGMIRE_BENCHMARKS_DIR` (`B
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from nemo_quagmire.utils.errors import InputError
+from nemo_quagmire.utils.json_lines import iter_lines, parse_json_line
 
 BENCHMARKS_DIR_ENV = "NEMO_QUAGMIRE_BENCHMARKS_DIR"
 STANDARD_BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "gsm8k", "minerva_math", "olympiadbench")
@@ -30,8 +33,15 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 PromptTemplate = Literal["plain", "chat"]
 
 
-class BenchmarkError(ValueError):
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")  # a file name in the directory, never a path
+
+
+class BenchmarkError(InputError):
     """A benchmark file or name is invalid (the message names the file:line or the bad name)."""
+
+
+class MissingBenchmarksError(BenchmarkError, FileNotFoundError):
+    """The benchmark directory or a standard benchmark's file does not exist."""
 
 
 @dataclass(frozen=True)
@@ -54,13 +64,13 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     if data_dir is None:
         env = os.environ.get(BENCHMARKS_DIR_ENV)
         if not env:
-            raise FileNotFoundError(
+            raise MissingBenchmarksError(
                 f"no benchmark directory: pass data_dir or set {BENCHMARKS_DIR_ENV}; {PREPARE_HINT}"
             )
         data_dir = env
     path = Path(data_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"benchmark directory {path} does not exist; {PREPARE_HINT}")
+        raise MissingBenchmarksError(f"benchmark directory {path} does not exist; {PREPARE_HINT}")
     return path
 
 
@@ -70,18 +80,35 @@ def available_benchmarks(data_dir: str | os.PathLike | None = None) -> list[str]
     return [n for n in STANDARD_BENCHMARKS if n in names] + sorted(names - set(STANDARD_BENCHMARKS))
 
 
+def check_benchmark_name(name: str) -> str:
+    """`name` if it can only name a file inside the benchmark directory (no separator, no `..`, not absolute).
+
+    Raises:
+        BenchmarkError: it could reach a file elsewhere.
+    """
+    if not _NAME.match(name):
+        raise BenchmarkError(
+            f"benchmark name {name!r} is not a plain name (letters, digits, _ . + -, no path separators): "
+            "benchmarks are <name>.jsonl files inside the benchmarks directory; put the file there and pass "
+            "its name"
+        )
+    return name
+
+
 def load_benchmark(name: str, data_dir: str | os.PathLike | None = None) -> list[Problem]:
     """Load and validate `<data_dir>/<name>.jsonl`, rows in file order.
 
     Raises:
         FileNotFoundError: the directory, or the file of a standard benchmark, is missing.
-        BenchmarkError: `name` is neither standard nor a file in the directory, or a row is invalid.
+        BenchmarkError: `name` is not a plain name, is neither standard nor a file in the directory, or a row
+            is invalid.
     """
+    check_benchmark_name(name)
     root = resolve_data_dir(data_dir)
     path = root / f"{name}.jsonl"
     if not path.is_file():
         if name in STANDARD_BENCHMARKS:
-            raise FileNotFoundError(f"benchmark file {path} does not exist; {PREPARE_HINT}")
+            raise MissingBenchmarksError(f"benchmark file {path} does not exist; {PREPARE_HINT}")
         raise BenchmarkError(
             f"unknown benchmark {name!r}: no {path.name} in {root}; available: "
             f"{', '.join(available_benchmarks(root)) or 'none'}"
@@ -101,14 +128,11 @@ def load_benchmarks(
 def parse_benchmark(path: str | os.PathLike, benchmark: str) -> list[Problem]:
     """Parse one benchmark JSONL file, checking every row; errors name `path:line`."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise BenchmarkError(f"{path}: not UTF-8 ({err})") from err
+    if not path.is_file():
+        raise BenchmarkError(f"{path}: no such file")
     problems: list[Problem] = []
     first_line_of: dict[str, int] = {}
-    for lineno, line in enumerate(lines, start=1):
-        where = f"{path}:{lineno}"
+    for lineno, (where, line) in enumerate(iter_lines(path, BenchmarkError), start=1):
         row = _parse_row(line, where)
         if row["id"] in first_line_of:
             raise BenchmarkError(
@@ -122,10 +146,7 @@ def parse_benchmark(path: str | os.PathLike, benchmark: str) -> list[Problem]:
 
 
 def _parse_row(line: str, where: str) -> dict[str, str]:
-    try:
-        row: Any = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise BenchmarkError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from err
+    row: Any = parse_json_line(line, where, BenchmarkError)
     if not isinstance(row, dict):
         raise BenchmarkError(f"{where}: expected a JSON object, got {type(row).__name__}")
     missing, extra = set(FIELDS) - row.keys(), row.keys() - set(FIELDS)

@@ -8,12 +8,16 @@ A checkpoint ``<dir>/step_00000042/`` holds:
 - ``trainer_state.pt``: the LR scheduler and the caller's state (step, data position, ...);
 - ``rng/rank_XXXXX.pt``: every rank's python, numpy, torch (CPU and CUDA) and megatron-tracker RNG states,
   restored when the layout is unchanged, so a resumed run repeats the uninterrupted one exactly;
-- ``checkpoint_meta.json``: the model config and layout, written last.
+- ``checkpoint_meta.json``: the model config and layout, and the size and CRC-32 of every other file
+  (``files``, computed by all ranks in parallel), written last.
 
 Saving is atomic: everything is written to ``<dir>/.step_00000042.partial`` and renamed once complete, so a
 crash mid-save leaves the previous checkpoints intact and :func:`latest_checkpoint` never returns a partial
-one.
-Loading compares the stored model config with the caller's first and names any architecture mismatch.
+one; a save that fails (a full disk) removes its partial directory and says so.
+Loading checks every file against the manifest first (a truncated or altered file is named, not met as an
+EOFError deep in torch), then compares the stored model config with the caller's and names any architecture
+mismatch. :func:`resumable_checkpoint` picks the newest checkpoint that passes those checks: a damaged newer
+one is reported, moved aside (``.step_N.damaged``) and the previous complete one used.
 """
 
 from __future__ import annotations
@@ -32,21 +36,35 @@ import torch
 import torch.distributed as dist
 
 from nemo_quagmire.config.model import ModelConfig
+from nemo_quagmire.utils.errors import InputError
 from nemo_quagmire.utils.io import atomic_write
 from nemo_quagmire.utils.logging import get_logger
+from nemo_quagmire.utils.manifest import digest_files, list_files, manifest_problems
 
 if TYPE_CHECKING:
     from megatron.core.optimizer import MegatronOptimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "checkpoint_problems",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_meta",
+    "resumable_checkpoint",
+    "save_checkpoint",
+]
 
 logger = get_logger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checkpoint_meta.json lists every file's size and CRC-32 ("files")
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 META_FILE = "checkpoint_meta.json"  # written last: its presence marks a complete checkpoint
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(InputError):
+    """A checkpoint cannot be used: damaged, incomplete or unreadable (the message names it and why)."""
 
 
 def _step_dir(directory: Path, step: int) -> Path:
@@ -68,6 +86,111 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
         if (match := _STEP_DIR.match(path.name)) and _is_complete(path)
     ]
     return max(steps)[1] if steps else None
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``checkpoint_meta.json`` of checkpoint ``path``.
+
+    Raises:
+        CheckpointError: it is missing, not JSON, or lacks the keys every checkpoint has.
+    """
+    meta_path = Path(path) / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {META_FILE})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint {path}: {META_FILE} is unreadable ({err})") from None
+    required = ("format_version", "step", "model_config", "layout", "has_optimizer", "optimizer_metadata")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path}: {META_FILE} is not a JSON object")
+    if missing := [key for key in required if key not in meta]:
+        raise CheckpointError(f"checkpoint {path}: {META_FILE} lacks {missing}")
+    return meta
+
+
+def checkpoint_problems(path: str | os.PathLike) -> list[str]:
+    """Why checkpoint ``path`` cannot be loaded (empty: intact); collective when torch.distributed is up.
+
+    Checks the metadata, then every file against the sizes and CRC-32s written at save (checkpoints of
+    format 1 have none: only their metadata is checked). Ranks split the files and agree on the result.
+    """
+    try:
+        meta = read_checkpoint_meta(path)
+        ModelConfig.model_validate(meta["model_config"])
+        files = meta.get("files")
+        if files is not None and not isinstance(files, dict):
+            raise CheckpointError(f"checkpoint {path}: {META_FILE} 'files' is not a mapping")
+        local: list[str] = []
+    except (CheckpointError, ValueError) as err:
+        files, local = None, [str(err).removeprefix(f"checkpoint {path}: ")]
+    if files:
+        names = sorted(files)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        local = manifest_problems(path, {name: files[name] for name in names[rank::world]})
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, local)
+    return sorted({problem for part in gathered for problem in part})
+
+
+def resumable_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest checkpoint under ``directory`` that is intact (collective), or None if there is none.
+
+    A newer one that is damaged (a file truncated or altered, garbage metadata, a step directory without
+    metadata) is logged with what is wrong and which checkpoint is used instead, and renamed to
+    ``.step_N.damaged`` so that pruning and later resumes ignore it.
+
+    Raises:
+        CheckpointError: checkpoints exist but every one is damaged (each is named with its problems).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    candidates = sorted(
+        (
+            (int(match.group(1)), path)
+            for path in directory.iterdir()
+            if (match := _STEP_DIR.match(path.name))
+        ),
+        reverse=True,
+    )
+    damaged: list[tuple[Path, list[str]]] = []
+    for _, path in candidates:
+        problems = checkpoint_problems(path)
+        if not problems:
+            if damaged:
+                named = "; ".join(f"{bad} ({', '.join(why)})" for bad, why in damaged)
+                logger.warning(
+                    "damaged checkpoint(s) skipped: %s; resuming from %s instead (the damaged ones are moved "
+                    "to .step_N.damaged)",
+                    named,
+                    path,
+                )
+                _set_aside(damaged)
+            return path
+        damaged.append((path, problems))
+    if damaged:
+        named = "\n  ".join(f"{bad}: {', '.join(why)}" for bad, why in damaged)
+        raise CheckpointError(
+            f"every checkpoint in {directory} is damaged:\n  {named}\nmove them away to start afresh, or "
+            "set checkpoint.resume=never"
+        )
+    return None
+
+
+def _set_aside(damaged: list[tuple[Path, list[str]]]) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for path, _ in damaged:
+            target = path.with_name(f".{path.name}.damaged")
+            suffix = 1
+            while target.exists():
+                suffix += 1
+                target = path.with_name(f".{path.name}.damaged-{suffix}")
+            path.rename(target)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def save_checkpoint(
@@ -97,7 +220,6 @@ def save_checkpoint(
     Returns:
         The checkpoint's path.
     """
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     if keep_last is not None and keep_last < 1:
@@ -113,6 +235,48 @@ def save_checkpoint(
         partial.mkdir()
     dist.barrier()
 
+    try:
+        _write_partial(partial, step, model, model_cfg, optimizer, scheduler, client_state)
+    except Exception as err:
+        # A full disk mid-save: leave nothing partial, name the checkpoint, keep the OSError's errno.
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        cause = _os_error_in(err)
+        if cause is None:
+            raise
+        raise OSError(
+            cause.errno,
+            f"saving checkpoint {final} failed ({cause.strerror}); its partial files were removed and the "
+            "previous checkpoints are intact",
+            cause.filename,
+        ) from err
+    if rank == 0:
+        _replace_dir(partial, final)
+        if keep_last is not None:
+            _prune(directory, keep_last)
+    dist.barrier()
+    logger.info(
+        "saved checkpoint %s (TP %d, PP %d)",
+        final,
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+    )
+    return final
+
+
+def _write_partial(
+    partial: Path,
+    step: int,
+    model: Sequence[torch.nn.Module],
+    model_cfg: ModelConfig,
+    optimizer: MegatronOptimizer | None,
+    scheduler: OptimizerParamScheduler | None,
+    client_state: dict[str, Any] | None,
+) -> None:
+    """Every file of the checkpoint into ``partial``, the metadata with the manifest last (collective)."""
+    from megatron.core import dist_checkpointing
+
+    rank = dist.get_rank()
     sharded = {"model": _unwrap(model).sharded_state_dict()}
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], metadata=OPTIMIZER_METADATA)
@@ -129,6 +293,9 @@ def save_checkpoint(
         torch.save(trainer_state, partial / "trainer_state.pt")
     dist.barrier()
 
+    names = list_files(partial, exclude=(META_FILE,))  # every rank lists the same shared directory
+    digests: list[dict[str, Any]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(digests, digest_files(partial, names[rank :: dist.get_world_size()]))
     if rank == 0:
         meta = {
             "format_version": FORMAT_VERSION,
@@ -137,20 +304,20 @@ def save_checkpoint(
             "layout": _layout(),
             "has_optimizer": optimizer is not None,
             "optimizer_metadata": OPTIMIZER_METADATA,
+            "files": {name: digest for part in digests for name, digest in sorted(part.items())},
         }
         with atomic_write(partial / META_FILE) as handle:
             json.dump(meta, handle, indent=2)
-        _replace_dir(partial, final)
-        if keep_last is not None:
-            _prune(directory, keep_last)
-    dist.barrier()
-    logger.info(
-        "saved checkpoint %s (TP %d, PP %d)",
-        final,
-        ps.get_tensor_model_parallel_world_size(),
-        ps.get_pipeline_model_parallel_world_size(),
-    )
-    return final
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError that caused ``error`` (megatron wraps I/O errors in its own exceptions), if any."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def load_checkpoint(
@@ -174,6 +341,7 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: ``path`` is not a complete checkpoint.
+        CheckpointError: a file differs from what was written (named), or the checkpoint cannot be read.
         ValueError: the checkpoint is of another architecture (the mismatching fields are named), or optimizer
             state is requested but absent or saved under another TP/PP.
     """
@@ -184,7 +352,9 @@ def load_checkpoint(
         raise FileNotFoundError(
             f"{path} is not a complete checkpoint (no checkpoint_meta.json); use latest_checkpoint()"
         )
-    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    if problems := checkpoint_problems(path):
+        raise CheckpointError(f"checkpoint {path} is damaged: {', '.join(problems)}")
+    meta = read_checkpoint_meta(path)
     saved_cfg = ModelConfig.model_validate(meta["model_config"])
     mismatches = saved_cfg.architecture_mismatches(model_cfg)
     if mismatches:
@@ -216,14 +386,17 @@ def load_checkpoint(
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded["model"], is_loading=True, metadata=meta["optimizer_metadata"]
         )
-    loaded = dist_checkpointing.load(sharded, str(path))
+    try:  # the manifest cannot vouch for a checkpoint of format 1
+        loaded = dist_checkpointing.load(sharded, str(path))
+        trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {type(err).__name__}: {err}") from err
     module.load_state_dict(loaded["model"])
     if restore_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
     elif optimizer is not None:
         optimizer.reload_model_params()
 
-    trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
     if scheduler is not None and trainer_state["scheduler"] is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])
     if restore_rng:

@@ -16,6 +16,12 @@ Model choice, fixed by the number of labelled points n and of features p:
 Leave-one-out refits the whole procedure (standardization and penalty choice included) without the left-out
 point. The bootstrap resamples the labelled rows with replacement and refits the same way; every feature set
 draws the same resamples for one seed, so sets are compared on paired resamples.
+
+Scale and size: features are standardized after dividing by their largest magnitude, so values near the
+float range (1e300) keep their information instead of overflowing the std to inf and zeroing the feature.
+The batched fits (leave-one-out folds, bootstrap resamples) run in chunks of at most `CHUNK_BYTES` of design
+matrices, and ranks and Kendall's tau switch from the all-pairs form to sorting when pairs would not fit
+(`PAIRWISE_MAX_ELEMENTS`), so a 10,000-row table costs memory linear in its rows, not quadratic.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import numpy as np
 # diagonal and this range spans "almost OLS" to "intercept only" for any n of interest.
 RIDGE_ALPHAS = np.logspace(4, -4, 33)
 _TIE_RTOL = 1e-9
+CHUNK_BYTES = 64 * 2**20  # design matrices per batched fit call
+PAIRWISE_MAX_ELEMENTS = 2**22  # pair entries per all-pairs rank / tau call (a few tens of MB)
 
 
 @dataclass(frozen=True)
@@ -82,10 +90,16 @@ def fit_batch(
     X = np.asarray(X, dtype=float)
     y = np.asarray(y, dtype=float)
     n = X.shape[1]
-    x_mean = X.mean(axis=1, keepdims=True)  # [B, 1, p]
+    # Standardize in units of each column's largest magnitude: values near the float range (1e300) would
+    # overflow the std to inf and zero the column. The same Xs, mean and scale as the direct formula.
+    magnitude = np.abs(X).max(axis=1, keepdims=True)  # [B, 1, p]
+    magnitude = np.where(magnitude > 0.0, magnitude, 1.0)
+    Xu = X / magnitude  # [B, n, p], in [-1, 1]
+    unit_mean = Xu.mean(axis=1, keepdims=True)
     constant = np.ptp(X, axis=1, keepdims=True) == 0.0  # exact; the std of equal values can be 1e-17
-    x_scale = np.where(constant, 1.0, X.std(axis=1, keepdims=True))
-    Xs = np.where(constant, 0.0, (X - x_mean) / x_scale)  # [B, n, p]
+    unit_scale = np.where(constant, 1.0, Xu.std(axis=1, keepdims=True))
+    Xs = np.where(constant, 0.0, (Xu - unit_mean) / unit_scale)  # [B, n, p]
+    x_mean, x_scale = unit_mean * magnitude, unit_scale * magnitude  # [B, 1, p], original units
     y_mean = y.mean(axis=1)  # [B]
     yc = y - y_mean[:, None]  # [B, n]
     U, s, Vt = np.linalg.svd(Xs, full_matrices=False)  # [B, n, r], [B, r], [B, r, p]
@@ -130,12 +144,17 @@ def loo_predictions(X: np.ndarray, y: np.ndarray, ridge: bool) -> np.ndarray:
     Returns:
         Leave-one-out predictions.  # [n]
     """
+    X, y = np.asarray(X, dtype=float), np.asarray(y, dtype=float)
     n = len(y)
-    keep = ~np.eye(n, dtype=bool)  # row i: every point but i
-    folds_X = np.stack([X[k] for k in keep])  # [n, n - 1, p]
-    folds_y = np.stack([y[k] for k in keep])  # [n, n - 1]
-    coef, intercept, _, _ = fit_batch(folds_X, folds_y, ridge)
-    return intercept + np.einsum("ip,ip->i", X, coef)
+    size = max(1, CHUNK_BYTES // max(1, n * max(X.shape[1], 1) * 8 * 4))
+    predictions = []
+    for start in range(0, n, size):
+        left_out = np.arange(start, min(start + size, n))  # [c]
+        keep = np.arange(n)[None, :] != left_out[:, None]  # [c, n]: fold i uses every point but i
+        folds = np.nonzero(keep)[1].reshape(len(left_out), n - 1)  # [c, n - 1]
+        coef, intercept, _, _ = fit_batch(X[folds], y[folds], ridge)  # [c, n - 1, p] per chunk
+        predictions.append(intercept + np.einsum("ip,ip->i", X[left_out], coef))
+    return np.concatenate(predictions)
 
 
 def r2_score(y: np.ndarray, predicted: np.ndarray) -> np.ndarray | float:
@@ -152,14 +171,23 @@ def r2_score(y: np.ndarray, predicted: np.ndarray) -> np.ndarray | float:
 
 
 def rankdata(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n along the last axis, ties sharing the mean of the ranks they span (scipy's "average").
+    """Ranks 1..n along the last axis, ties sharing the mean of the ranks they span (scipy's "average"):
+    rank_i = #{j: x_j < x_i} + (#{j: x_j == x_i} + 1) / 2.
 
-    Pairwise: rank_i = #{j: x_j < x_i} + (#{j: x_j == x_i} + 1) / 2, O(n^2), fine for the few points here.
+    All pairs at once while they fit in `PAIRWISE_MAX_ELEMENTS`, else by binary search in each sorted row.
     """
     x = np.asarray(values, dtype=float)
-    below = (x[..., None, :] < x[..., :, None]).sum(axis=-1)  # [..., n]
-    equal = (x[..., None, :] == x[..., :, None]).sum(axis=-1)
-    return below + (equal + 1) / 2.0
+    if x.size * x.shape[-1] <= PAIRWISE_MAX_ELEMENTS:
+        below = (x[..., None, :] < x[..., :, None]).sum(axis=-1)  # [..., n]
+        equal = (x[..., None, :] == x[..., :, None]).sum(axis=-1)
+        return below + (equal + 1) / 2.0
+    rows = x.reshape(-1, x.shape[-1])
+    ranks = np.empty_like(rows)
+    for i, row in enumerate(rows):
+        ordered = np.sort(row)
+        below = np.searchsorted(ordered, row, side="left")
+        ranks[i] = below + (np.searchsorted(ordered, row, side="right") - below + 1) / 2.0
+    return ranks.reshape(x.shape)
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
@@ -179,7 +207,15 @@ def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
 def kendall_tau_b(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
     """Kendall's tau-b along the last axis over all pairs (ties corrected); NaN if a side is constant."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    upper = np.triu_indices(a.shape[-1], k=1)
+    n = a.shape[-1]
+    if a.size * n > PAIRWISE_MAX_ELEMENTS:  # O(n log n) per row instead of every pair at once
+        from scipy.stats import kendalltau
+
+        flat_a, flat_b = a.reshape(-1, n), b.reshape(-1, n)
+        tau = np.array([kendalltau(flat_a[i], flat_b[i]).statistic for i in range(len(flat_a))])
+        tau = tau.reshape(a.shape[:-1])
+        return float(tau) if tau.ndim == 0 else tau
+    upper = np.triu_indices(n, k=1)
     sa = np.sign(a[..., :, None] - a[..., None, :])[..., upper[0], upper[1]]  # [..., n (n - 1) / 2]
     sb = np.sign(b[..., :, None] - b[..., None, :])[..., upper[0], upper[1]]
     denominator = np.sqrt(np.count_nonzero(sa, axis=-1) * np.count_nonzero(sb, axis=-1))
@@ -307,15 +343,21 @@ def fit_feature_set(
 
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, size=(resamples, n))  # [B, n], the same for every feature set of one seed
-    Xb, yb = Xl[draws], yl[draws]  # [B, n, p], [B, n]
-    coef_b, intercept_b, _, full_rank = fit_batch(Xb, yb, ridge)
-    usable = full_rank | ridge  # an OLS resample with a rank-deficient design has no unique fit
-    coef_b, intercept_b, Xb, yb = coef_b[usable], intercept_b[usable], Xb[usable], yb[usable]
-    fitted_b = intercept_b[:, None] + np.einsum("bnp,bp->bn", Xb, coef_b)  # [B_used, n]
-    pred = intercept_b[:, None] + coef_b @ X.T  # [B_used, N]
-    stats = np.stack(
-        [r2_score(yb, fitted_b), spearman(fitted_b, yb), kendall_tau_b(fitted_b, yb)], axis=1
-    ).reshape(-1, 3)  # [B_used, 3]
+    chunk = max(1, CHUNK_BYTES // (n * max(p, 1) * 8 * 4))
+    preds, stat_parts = [np.empty((0, len(y)))], [np.empty((0, 3))]
+    for start in range(0, resamples, chunk):
+        Xb, yb = Xl[draws[start : start + chunk]], yl[draws[start : start + chunk]]  # [c, n, p], [c, n]
+        coef_b, intercept_b, _, full_rank = fit_batch(Xb, yb, ridge)
+        usable = full_rank | ridge  # an OLS resample with a rank-deficient design has no unique fit
+        coef_b, intercept_b, Xb, yb = coef_b[usable], intercept_b[usable], Xb[usable], yb[usable]
+        fitted_b = intercept_b[:, None] + np.einsum("bnp,bp->bn", Xb, coef_b)  # [c_used, n]
+        preds.append(intercept_b[:, None] + coef_b @ X.T)  # [c_used, N]
+        stat_parts.append(
+            np.stack(
+                [r2_score(yb, fitted_b), spearman(fitted_b, yb), kendall_tau_b(fitted_b, yb)], axis=1
+            ).reshape(-1, 3)
+        )
+    pred, stats = np.concatenate(preds), np.concatenate(stat_parts)  # [B_used, N], [B_used, 3]
     residuals = yl - loo_labelled
     noisy = pred + rng.choice(residuals - residuals.mean(), size=pred.shape)
     ci_low, ci_high = _percentile_interval(pred, level)

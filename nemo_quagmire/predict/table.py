@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from nemo_quagmire.utils.errors import InputError
+
 ID_COLUMN = "run"
 MAX_REPORTED_ERRORS = 20
 
 
-class PredictInputError(ValueError):
+class PredictInputError(InputError):
     """The predictor's input cannot be used; the message names every problem found and how to fix it."""
 
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
 
+from nemo_quagmire.utils.errors import InputError
 from nemo_quagmire.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -61,6 +62,30 @@ _SETUP_FAILED = -3
 
 _STOP_GRACE_S = 2.0
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a Slurm or container limit), at least 1."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_num_workers(num_workers: int, what: str) -> int:
+    """`num_workers` if it is in 1..usable CPUs. Each worker is a process with its own math-verify and sympy
+    (~100 MB); more of them than CPUs only adds memory and scheduling, and a thousand exhaust the machine.
+
+    Raises:
+        InputError: naming `what` (the flag or key), the value and the limit.
+    """
+    limit = usable_cpus()
+    if not 1 <= num_workers <= limit:
+        raise InputError(
+            f"{what}={num_workers}: grading workers must be in 1..{limit} (the CPUs this process may use); "
+            f"use {what}={limit} or fewer"
+        )
+    return num_workers
 
 
 class AnswerChecker(Protocol):

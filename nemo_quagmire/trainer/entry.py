@@ -1,14 +1,103 @@
-"""What the training entry scripts share: plan (dry run) or train a validated run config.
+"""What the training entry scripts share: config in, exit code out, under one contract.
 
 `scripts/train_grpo.py` and `scripts/train_sft.py` differ only in their config schema, planner and trainer
-builder; the exit codes are the same: 0 done (or the plan fits), 1 the plan does not fit, 2 invalid config.
+builder. Exit codes: 0 done (or the plan fits), 1 the plan does not fit, 2 an input error (Hydra's own
+errors included: an unknown key, a YAML syntax error, a missing config), 130 Ctrl-C, 143 stopped by SIGTERM
+after a checkpoint (Slurm pre-emption; resubmit the same command to continue).
+
+Order, so that a bad input costs seconds and leaves nothing behind: Hydra composes the config (writing
+nothing: conf/grpo_base.yaml and conf/sft/sft_base.yaml turn off its output directory and log file),
+pydantic validates it, a dry run plans it; a real run goes
+through `preflight` (paths, layout, writability), and only then is the run directory created, the composed
+config recorded in `<run_dir>/.hydra/` and the log mirrored to `<run_dir>/<script>.log`.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from nemo_quagmire.utils.errors import EXIT_INPUT_ERROR, EXIT_PREEMPTED, InputError, cli_main
+
+__all__ = ["hydra_entry", "plan_or_train"]
+
+
+def hydra_entry(
+    schema: type,
+    *,
+    config_dir: str | Path,
+    config_name: str,
+    plan: Callable[[Any], tuple[str, bool]],
+    build: Callable[[Any], Any],
+    what: str,
+    argv: list[str] | None = None,
+) -> int:
+    """Run a training script: Hydra's command line (`--config-name`, `key=value` overrides) -> exit code."""
+    import hydra
+    from omegaconf import DictConfig
+
+    exit_code: list[int] = []
+    started: list[bool] = []
+    console = sys.stderr
+    held = io.StringIO()  # Hydra's messages until the task starts: its errors may carry a traceback
+
+    def task(raw: DictConfig) -> None:
+        started.append(True)
+        sys.stderr = console
+        console.write(held.getvalue())
+        exit_code.append(cli_main(lambda: _run(raw, schema, plan=plan, build=build, what=what)))
+
+    saved_argv = sys.argv
+    if argv is not None:
+        sys.argv = [saved_argv[0], *argv]
+    sys.stderr = held
+    try:
+        hydra.main(version_base=None, config_path=str(config_dir), config_name=config_name)(task)()
+    except SystemExit as error:
+        if started:  # a bug inside the task: Hydra printed its traceback
+            raise
+        # Hydra's own errors (unknown key, bad YAML, missing config): its message, exit 2.
+        console.write(_without_traceback(held.getvalue()))
+        return EXIT_INPUT_ERROR if error.code == 1 else int(error.code or 0)
+    finally:
+        sys.argv = saved_argv
+        sys.stderr = console
+    return exit_code[0] if exit_code else 0  # no task run: --help, --cfg
+
+
+def _without_traceback(text: str) -> str:
+    """`text` minus the "Traceback ..." blocks (their indented frame lines), keeping the error lines."""
+    kept, in_traceback = [], False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("Traceback (most recent call last):"):
+            in_traceback = True
+        elif not (in_traceback and line.startswith((" ", "\t"))):
+            in_traceback = False
+            kept.append(line)
+    return "".join(kept)
+
+
+def _run(raw: Any, schema: type, *, plan: Callable, build: Callable, what: str) -> int:
+    from omegaconf import OmegaConf
+    from pydantic import ValidationError
+
+    from nemo_quagmire.config.errors import format_validation_error
+    from nemo_quagmire.utils.logging import configure_logging
+
+    configure_logging()
+    container = OmegaConf.to_container(raw, resolve=True)
+    container.pop("hydra", None)
+    try:
+        cfg = schema.model_validate(container)
+    except ValidationError as error:
+        raise InputError(format_validation_error(error, what)) from None
+    except (ValueError, KeyError) as error:  # e.g. an unknown model preset
+        raise InputError(f"invalid {what}: {error}") from None
+    return plan_or_train(cfg, plan=plan, build=build, what=what, record=lambda run_dir: _record(raw, run_dir))
 
 
 def plan_or_train(
@@ -17,19 +106,51 @@ def plan_or_train(
     plan: Callable[[Any], tuple[str, bool]],
     build: Callable[[Any], Any],
     what: str,
+    record: Callable[[Path], None] | None = None,
 ) -> int:
-    """Print the dry-run plan of `cfg` (`cfg.dry_run`), or build the trainer inside the parallel context and
-    fit it. Returns the exit code."""
+    """Print the dry-run plan of `cfg` (`cfg.dry_run`), or check it against the machine (`preflight`), then
+    build the trainer inside the parallel context and fit it. Returns the exit code.
+
+    Raises:
+        InputError: the config cannot run here (every problem named), or its input files are invalid.
+    """
     if cfg.dry_run:
         try:
             report, fits = plan(cfg)
         except ValueError as error:
-            print(f"invalid {what}: {error}", file=sys.stderr)
-            return 2
+            raise InputError(f"invalid {what}: {error}") from None
         print(report)  # the plan is the output of a dry run
         return 0 if fits else 1
     from nemo_quagmire.megatron.parallel import parallel_context
+    from nemo_quagmire.trainer.preflight import preflight
+    from nemo_quagmire.trainer.signals import Preempted
+    from nemo_quagmire.utils.logging import global_rank
 
-    with parallel_context(cfg.model, cfg.parallel, seed=cfg.seed):
-        build(cfg).fit()
+    preflight(cfg)
+    if record is not None and global_rank() == 0:
+        record(Path(cfg.run_dir))
+    try:
+        with parallel_context(cfg.model, cfg.parallel, seed=cfg.seed):
+            build(cfg).fit()
+    except Preempted as stop:
+        logging.getLogger(__name__).warning("%s", stop)
+        return EXIT_PREEMPTED
     return 0
+
+
+def _record(raw: Any, run_dir: Path) -> None:
+    """The composed config and overrides in `<run_dir>/.hydra/` (as Hydra writes them), and the log mirrored
+    to `<run_dir>/<script>.log`."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from nemo_quagmire.utils.io import atomic_write
+
+    hydra_cfg = HydraConfig.get()
+    with atomic_write(run_dir / ".hydra" / "config.yaml") as handle:
+        handle.write(OmegaConf.to_yaml(raw))
+    with atomic_write(run_dir / ".hydra" / "overrides.yaml") as handle:
+        handle.write(OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))))
+    log_file = logging.FileHandler(run_dir / f"{Path(sys.argv[0]).stem}.log")  # e.g. train_grpo.log
+    log_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(log_file)

@@ -5,13 +5,14 @@ details; everything around it is here, once, so the two runs behave the same whe
 
 - set-up: seed from the run's seed (the initial weights do not depend on what ran before in the
   process), build the model, load initial weights (an HF directory or a checkpoint of another run, e.g. SFT
-  for GRPO) unless resuming, create optimizer and LR scheduler, and resume from the newest complete
+  for GRPO) unless resuming, create optimizer and LR scheduler, and resume from the newest intact
   checkpoint of `<run_dir>/checkpoints` (weights, optimizer, scheduler, RNG states and the trainer's own
-  state), so a resumed run repeats the uninterrupted one exactly;
+  state; a damaged newer one is named and skipped), so a resumed run repeats the uninterrupted one exactly;
 - the loop (`fit`): validate at the start (not after a resume: that validation is already logged), then
   train, validating every `validation.interval` steps and at the end and checkpointing every
   `checkpoint.interval` steps and at the end (keeping the newest `checkpoint.keep_last`), with a progress
-  bar on rank 0 and every metric in metrics.jsonl (`MetricsLogger`);
+  bar on rank 0 and every metric in metrics.jsonl (`MetricsLogger`); on SIGTERM, a checkpoint after the
+  current step, then `Preempted` (`trainer.signals`);
 - callbacks see the policy through a `PolicyHandle` (log-probs, generation, data-parallel reductions).
 
 Subclasses implement `train_one_step` and `_logprob_micro_batch_size`, and may override the hooks below.
@@ -31,6 +32,7 @@ from nemo_quagmire.config.run import CheckpointConfig, LoggingConfig, Validation
 from nemo_quagmire.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from nemo_quagmire.trainer.callbacks import Callback, CallbackList, PolicyHandle, Tokenizer
 from nemo_quagmire.trainer.metrics import MetricsLogger
+from nemo_quagmire.trainer.signals import Preempted, stop_on_sigterm
 from nemo_quagmire.utils.io import atomic_write
 from nemo_quagmire.utils.logging import get_logger, global_rank
 
@@ -137,13 +139,13 @@ class RunLoop:
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> int | None:
         """Build model and optimizer, load initial weights or resume; returns the resumed step or None."""
-        from nemo_quagmire.megatron.checkpoint import latest_checkpoint, load_checkpoint
+        from nemo_quagmire.megatron.checkpoint import load_checkpoint, resumable_checkpoint
         from nemo_quagmire.megatron.model import build_model
         from nemo_quagmire.megatron.parallel import set_random_seed
         from nemo_quagmire.megatron.train_step import setup_training
 
         cfg = self.cfg
-        resume_from = latest_checkpoint(self.checkpoint_dir) if cfg.checkpoint.resume == "auto" else None
+        resume_from = resumable_checkpoint(self.checkpoint_dir) if cfg.checkpoint.resume == "auto" else None
         set_random_seed(cfg.seed)  # the initial weights depend on the seed alone, not on what ran before
         model = build_model(cfg.model, cfg.parallel)
         if resume_from is None:
@@ -208,16 +210,22 @@ class RunLoop:
             progress = progress_bar(
                 self.max_steps, self.progress_label, cfg.logging.progress_bar, initial=self.step
             )
-            while self.step < self.max_steps:
-                last = self.train_one_step()
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(self._progress_postfix(last))
-                final = self.step == self.max_steps
-                if self.step % cfg.validation.interval == 0 or final:
-                    self._validate()
-                if self.step % cfg.checkpoint.interval == 0 or final:
-                    self._save()
+            with stop_on_sigterm() as stop:
+                while self.step < self.max_steps:
+                    last = self.train_one_step()
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix(self._progress_postfix(last))
+                    final = self.step == self.max_steps
+                    if self.step % cfg.validation.interval == 0 or final:
+                        self._validate()
+                    saved = self._save() if self.step % cfg.checkpoint.interval == 0 or final else None
+                    if stop.requested() and not final:
+                        saved = saved or self._save()
+                        raise Preempted(
+                            f"SIGTERM: stopped after step {self.step} of {self.max_steps} with checkpoint "
+                            f"{saved}; run the same command to resume"
+                        )
             if progress is not None:
                 progress.close()
         finally:
@@ -237,7 +245,7 @@ class RunLoop:
                 ", ".join(f"{k.removeprefix('val/')}={v:.4f}" for k, v in sorted(headline.items())),
             )
 
-    def _save(self) -> None:
+    def _save(self) -> Path:
         from nemo_quagmire.megatron.checkpoint import save_checkpoint
 
         path = save_checkpoint(
@@ -251,6 +259,7 @@ class RunLoop:
             keep_last=self.cfg.checkpoint.keep_last,
         )
         self.callbacks.on_checkpoint(self.policy_handle(), path)
+        return path
 
 
 def load_initial_weights(model: list[torch.nn.Module], path: str | Path, model_cfg: ModelConfig) -> None:

@@ -5,9 +5,11 @@ One JSON object per line, each with an integer `step`; validation records carry 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from nemo_quagmire.utils.errors import InputError
+from nemo_quagmire.utils.json_lines import iter_json_lines
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -21,14 +23,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """
     path = Path(path)
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+    for where, record in iter_json_lines(path, skip_blank=True):
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise ValueError(f"{path}:{lineno}: expected an object with an integer 'step'")
+            raise InputError(f"{where}: expected an object with an integer 'step'")
         records.append(record)
     return records

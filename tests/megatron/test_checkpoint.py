@@ -71,9 +71,10 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint(megatron_world1, tmp_pat
     monkeypatch.undo()
 
     assert latest_checkpoint(tmp_path) == first
-    assert (tmp_path / ".step_00000002.partial").exists()
+    assert not (tmp_path / ".step_00000002.partial").exists()  # a failed save removes its files
     assert not (tmp_path / "step_00000002").exists()
     load_checkpoint(first, trainer.model, model_cfg=MODEL, optimizer=trainer.optimizer)
+    (tmp_path / ".step_00000002.partial").mkdir()  # what a process killed mid-save leaves
     save_checkpoint(tmp_path, 2, trainer.model, model_cfg=MODEL)  # the next save clears the debris
     assert not (tmp_path / ".step_00000002.partial").exists()
     assert latest_checkpoint(tmp_path) == tmp_path / "step_00000002"

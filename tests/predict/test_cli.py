@@ -125,11 +125,12 @@ def test_run_directories_give_the_same_report_as_their_table(tmp_path):
         ("run,x,post\na,1,0.1\na,2,0.2\nc,3,0.3\n", (), "run id 'a' appears 2 times"),
     ],
 )
-def test_bad_input_exits_2_and_writes_nothing(tmp_path, caplog, table_text, extra, message):
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, table_text, extra, message):
     (tmp_path / "t.csv").write_text(table_text)
     out = tmp_path / "out"
     assert _run("--table", str(tmp_path / "t.csv"), "--target", "post", "--out", str(out), *extra) == 2
-    assert message in caplog.text
+    err = capsys.readouterr().err
+    assert message in err
     assert not out.exists()
 
 

@@ -148,7 +148,7 @@ def test_explicit_ks(tmp_path):
     assert set(metrics["macro"]) == {"pass@1", "pass@2", "maj@1", "maj@2", "mean@n", "no_answer"}
 
 
-def test_uneven_samples_per_problem(tmp_path, caplog):
+def test_uneven_samples_per_problem(tmp_path, capsys):
     # drop beta-1's last sample (line 12): beta-1 has n=3, c=2, so the smallest n is 3
     samples = _write_samples(tmp_path / "s.jsonl", _read_jsonl(SAMPLES)[:11])
     assert _run(samples, tmp_path / "out") == 0
@@ -160,7 +160,8 @@ def test_uneven_samples_per_problem(tmp_path, caplog):
     assert beta["pass@2"] == pytest.approx(1.0)  # n - c = 1 < k: every pair holds a correct sample
     out = tmp_path / "out2"
     assert _run(samples, out, "--k", "1,4") == 2
-    assert "pass@4 needs at least 4 samples per problem, but beta problem 'beta-1' has n=3" in caplog.text
+    err = capsys.readouterr().err
+    assert "pass@4 needs at least 4 samples per problem, but beta problem 'beta-1' has n=3" in err
     assert not out.exists()
 
 
@@ -182,26 +183,29 @@ GOOD = {"benchmark": "alpha", "id": "alpha-1", "completion": r"\boxed{12}"}
         (GOOD | {"id": "alpha-9"}, "no problem with id 'alpha-9' in benchmark 'alpha'"),
     ],
 )
-def test_bad_input_exits_2_naming_file_line_and_writes_nothing(tmp_path, caplog, bad_line, message):
+def test_bad_input_exits_2_naming_file_line_and_writes_nothing(tmp_path, capsys, bad_line, message):
     samples = _write_samples(tmp_path / "s.jsonl", [GOOD, bad_line, GOOD])
     out = tmp_path / "out"
     assert _run(samples, out) == 2
-    assert f"{samples}:2: {message}" in caplog.text
-    assert f"{samples}:1" not in caplog.text and f"{samples}:3" not in caplog.text
+    err = capsys.readouterr().err
+    assert f"{samples}:2: {message}" in err
+    assert f"{samples}:1" not in err and f"{samples}:3" not in err
     assert not out.exists()
 
 
-def test_unknown_benchmark_lists_available(tmp_path, caplog):
+def test_unknown_benchmark_lists_available(tmp_path, capsys):
     samples = _write_samples(tmp_path / "s.jsonl", [GOOD | {"benchmark": "gamma"}])
     assert _run(samples, tmp_path / "out") == 2
-    assert "available: alpha, beta" in caplog.text
+    err = capsys.readouterr().err
+    assert "available: alpha, beta" in err
 
 
-def test_every_bad_line_is_reported(tmp_path, caplog):
+def test_every_bad_line_is_reported(tmp_path, capsys):
     samples = _write_samples(tmp_path / "s.jsonl", ["nope", GOOD, GOOD | {"id": "x"}, "[]"])
     assert _run(samples, tmp_path / "out") == 2
-    assert "3 invalid line(s)" in caplog.text
-    assert all(f"{samples}:{i}:" in caplog.text for i in (1, 3, 4))
+    err = capsys.readouterr().err
+    assert "3 invalid line(s)" in err
+    assert all(f"{samples}:{i}:" in err for i in (1, 3, 4))
 
 
 def test_existing_outputs_survive_bad_input(tmp_path, graded_out):
@@ -213,24 +217,27 @@ def test_existing_outputs_survive_bad_input(tmp_path, graded_out):
     assert (out / "metrics.json").read_text() == "old" and not (out / "graded.jsonl").exists()
 
 
-def test_empty_samples_file(tmp_path, caplog):
+def test_empty_samples_file(tmp_path, capsys):
     samples = _write_samples(tmp_path / "s.jsonl", [])
     assert _run(samples, tmp_path / "out") == 2
-    assert "no samples" in caplog.text
+    err = capsys.readouterr().err
+    assert "no samples" in err
 
 
-def test_missing_benchmarks_dir(tmp_path, caplog):
+def test_missing_benchmarks_dir(tmp_path, capsys):
     samples = _write_samples(tmp_path / "s.jsonl", [GOOD])
     assert _run(samples, tmp_path / "out", benchmarks=tmp_path / "nope") == 2
-    assert f"{samples}:1: benchmark directory {tmp_path / 'nope'} does not exist" in caplog.text
+    err = capsys.readouterr().err
+    assert f"{samples}:1: benchmark directory {tmp_path / 'nope'} does not exist" in err
 
 
-def test_invalid_benchmark_file_is_reported(tmp_path, caplog):
+def test_invalid_benchmark_file_is_reported(tmp_path, capsys):
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "alpha.jsonl").write_text('{"id": "alpha-1"}\n')
     samples = _write_samples(tmp_path / "s.jsonl", [GOOD])
     assert _run(samples, tmp_path / "out", benchmarks=tmp_path / "bench") == 2
-    assert f"{tmp_path / 'bench' / 'alpha.jsonl'}:1: keys must be exactly" in caplog.text
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'bench' / 'alpha.jsonl'}:1: keys must be exactly" in err
 
 
 @pytest.mark.parametrize("option", [["--k", "1,x"], ["--k", "0,1"], ["--workers", "0"], ["--timeout", "-1"]])

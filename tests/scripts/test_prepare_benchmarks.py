@@ -148,6 +148,7 @@ def test_blob_mismatch_is_an_error_and_writes_nothing(tmp_path, caplog):
 
 
 def test_missing_source_file_names_the_path(tmp_path, caplog):
+    (tmp_path / "empty").mkdir()
     assert _run(tmp_path / "empty", tmp_path / "out", "--no-blob-check") == 1
     assert "missing source file" in caplog.text and "simpleRL-reason" in caplog.text
 

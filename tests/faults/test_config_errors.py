@@ -1,0 +1,115 @@
+"""Late or inconsistent config errors: every one exits 2 from the training scripts, named by key, before the
+process group or the model exists (`parallel_context` is booby-trapped here), and creates no run directory.
+The scripts run in-process (`main(argv)` returns the exit code), Hydra's command line included."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nemo_quagmire.megatron import parallel
+from tests.faults.conftest import load_script, tree
+
+
+@pytest.fixture(autouse=True)
+def no_model(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the run got as far as the process group: the error was found too late")
+
+    monkeypatch.setattr(parallel, "parallel_context", refuse)
+
+
+def _train(script: str, run_dir, *overrides: str) -> int:
+    return load_script(script).main([f"run_dir={run_dir}", "logging.progress_bar=false", *overrides])
+
+
+def _garbage_checkpoint(tmp_path):
+    step = tmp_path / "ckpt" / "step_00000010"
+    step.mkdir(parents=True)
+    (step / "checkpoint_meta.json").write_text("{not json")
+    return step
+
+
+CASES = {
+    "unknown advantage estimator": (
+        ["grpo.advantage_estimator=ppo_magic"],
+        ["grpo.advantage_estimator", "ppo_magic", "known: dr_grpo, grpo, rloo"],
+    ),
+    "TP=3 outside a dry run": (
+        ["parallel.tensor_model_parallel_size=3"],
+        ["num_attention_heads=4 is not divisible by tensor_model_parallel_size=3", "world size 1"],
+    ),
+    "missing load_from": (
+        ["checkpoint.load_from={tmp}/nope"],
+        ["checkpoint.load_from=", "no such directory"],
+    ),
+    "load_from is a file": (
+        ["checkpoint.load_from={tmp}/random.bin"],
+        ["checkpoint.load_from=", "no such dir"],
+    ),
+    "load_from is a random directory": (
+        ["checkpoint.load_from={tmp}"],
+        ["neither a checkpoint", "nor an HF"],
+    ),
+    "load_from with garbage metadata": (
+        ["checkpoint.load_from={tmp}/ckpt/step_00000010"],
+        ["checkpoint_meta.json is unreadable"],
+    ),
+    "missing benchmarks_dir": (
+        ["validation.benchmarks=[synthetic,aime24]", "validation.benchmarks_dir={tmp}/nope"],
+        ["validation.benchmarks lists ['aime24']"],  # the char tokenizer cannot encode it: config time
+    ),
+    "unknown key (Hydra)": (["grpo.bogus=1"], ["Could not override 'grpo.bogus'"]),
+    "unknown appended key (pydantic)": (["+grpo.bogus=1"], ["grpo.bogus", "unknown key"]),
+    "override grammar error (Hydra)": (["max_steps=["], ["no viable alternative"]),
+    "run_dir is a file": (["run_dir={tmp}/random.bin"], ["run_dir", "is a file, not a directory"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_grpo_config_errors_exit_2_early_and_write_nothing(tmp_path, capsys, case):
+    overrides, messages = CASES[case]
+    (tmp_path / "random.bin").write_bytes(b"\x00\x01garbage")
+    _garbage_checkpoint(tmp_path)
+    before = tree(tmp_path)
+    code = _train("train_grpo", tmp_path / "run", *(o.format(tmp=tmp_path) for o in overrides))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert all(message in err for message in messages), err
+    assert "Traceback" not in err
+    assert tree(tmp_path) == before  # no run dir, no Hydra output, no log file
+
+
+def test_missing_benchmarks_dir_with_an_hf_task_is_found_before_the_model(tmp_path, capsys):
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"id": "1", "problem": "1+1", "answer": "2", "solution": "", "source": "t"}))
+    code = _train(
+        "train_grpo",
+        tmp_path / "run",
+        "data.task=jsonl",
+        f"data.train_file={train}",
+        f"data.tokenizer={tokenizer}",
+        "sft_warmup.steps=0",
+        "validation.benchmarks=[aime24]",
+        f"validation.benchmarks_dir={tmp_path}/nope",
+        "validation.heldout_loss=false",
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and f"validation.benchmarks_dir='{tmp_path}/nope'" in err and "does not exist" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_syntax_error_exits_2(tmp_path, capsys):
+    (tmp_path / "broken.yaml").write_text("defaults:\n  - tiny\nmax_steps: [1, 2\n")
+    code = load_script("train_grpo").main([f"--config-dir={tmp_path}", "--config-name=broken"])
+    err = capsys.readouterr().err
+    assert code == 2 and "broken" in err and "Traceback" not in err
+
+
+def test_sft_config_errors_exit_2(tmp_path, capsys):
+    code = _train("train_sft", tmp_path / "run", "optim.lr=-1")
+    err = capsys.readouterr().err
+    assert code == 2 and "optim.lr" in err and not (tmp_path / "run").exists()
