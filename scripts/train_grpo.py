@@ -14,20 +14,19 @@ from __future__ import annotations
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from nemo_quagmire.config.errors import validate_or_exit
 from nemo_quagmire.config.grpo import GRPORunConfig
 from nemo_quagmire.plan.grpo import plan_grpo_run
 from nemo_quagmire.trainer.build import build_grpo_trainer
-from nemo_quagmire.trainer.entry import plan_or_train
+from nemo_quagmire.trainer.entry import plan_or_train, run_config_or_exit
 from nemo_quagmire.utils.logging import configure_logging
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="tiny")
 def main(raw: DictConfig) -> None:
     configure_logging()
-    cfg = validate_or_exit(GRPORunConfig, OmegaConf.to_container(raw, resolve=True), "GRPO config")
+    cfg = run_config_or_exit(GRPORunConfig, raw, "GRPO config")
     sys.exit(plan_or_train(cfg, plan=plan_grpo_run, build=build_grpo_trainer, what="GRPO config"))
 
 

@@ -15,20 +15,19 @@ from __future__ import annotations
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from nemo_quagmire.config.errors import validate_or_exit
 from nemo_quagmire.config.sft import SFTRunConfig
 from nemo_quagmire.plan.sft import plan_sft_run
 from nemo_quagmire.trainer.build import build_sft_trainer
-from nemo_quagmire.trainer.entry import plan_or_train
+from nemo_quagmire.trainer.entry import plan_or_train, run_config_or_exit
 from nemo_quagmire.utils.logging import configure_logging
 
 
 @hydra.main(version_base=None, config_path="../conf/sft", config_name="tiny")
 def main(raw: DictConfig) -> None:
     configure_logging()
-    cfg = validate_or_exit(SFTRunConfig, OmegaConf.to_container(raw, resolve=True), "SFT config")
+    cfg = run_config_or_exit(SFTRunConfig, raw, "SFT config")
     sys.exit(plan_or_train(cfg, plan=plan_sft_run, build=build_sft_trainer, what="SFT config"))
 
 

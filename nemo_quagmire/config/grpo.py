@@ -37,7 +37,7 @@ from nemo_quagmire.config.run import (
 )
 from nemo_quagmire.config.run import FrozenConfig as _Config
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig
-from nemo_quagmire.megatron.parallel import ParallelConfig
+from nemo_quagmire.megatron.parallel import ParallelConfig, model_split_problems
 from nemo_quagmire.megatron.train_step import OptimConfig
 
 __all__ = [
@@ -164,7 +164,9 @@ class DataConfig(_Config):
     num_heldout: PositiveInt = Field(default=256, description="Synthetic held-out problems (validation).")
     train_file: str | None = Field(default=None, description="JSONL of {id, problem, answer} for task=jsonl.")
     tokenizer: str | None = Field(
-        default=None, description="HF tokenizer directory for task=jsonl; the synthetic task has its own."
+        default=None,
+        description="HF tokenizer directory for task=jsonl; None = the tokenizer of checkpoint.load_from (an "
+        "HF directory, or the run dir of a checkpoint). The synthetic task has its own.",
     )
     prompt_template: Literal["plain", "chat"] = "chat"
 
@@ -172,8 +174,9 @@ class DataConfig(_Config):
     def _check(self) -> DataConfig:
         if self.task == "jsonl" and (self.train_file is None or self.tokenizer is None):
             raise ValueError(
-                "data.task=jsonl needs data.train_file (JSONL of {id, problem, answer}) and data.tokenizer "
-                "(a local HF tokenizer directory)"
+                "data.task=jsonl needs data.train_file (JSONL of {id, problem, answer}) and a tokenizer: "
+                "checkpoint.load_from an HF directory (its tokenizer is used) or data.tokenizer (a local HF "
+                "tokenizer directory)"
             )
         return self
 
@@ -217,6 +220,8 @@ class GRPORunConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> GRPORunConfig:
+        if problems := model_split_problems(self.model, self.parallel):
+            raise ValueError("the model does not split over the parallel layout: " + "; ".join(problems))
         if self.grpo.dynamic_sampling and self.grpo.num_minibatches > 1:
             raise ValueError(
                 "grpo.dynamic_sampling with grpo.num_minibatches > 1 is not supported: the kept rows vary "

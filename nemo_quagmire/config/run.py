@@ -22,6 +22,7 @@ from pydantic import (
 
 from nemo_quagmire.callbacks.passk import MAX_NUM_SAMPLES
 from nemo_quagmire.config.model import ModelConfig, get_model_preset
+from nemo_quagmire.config.source import resolve_run_config
 
 __all__ = [
     "CONF_DIR",
@@ -161,8 +162,13 @@ def compose_config(
 ) -> ConfigT:
     """Compose `config_dir/config_name.yaml` with Hydra command-line `overrides` and validate it.
 
+    `checkpoint.load_from` is resolved as the training scripts do (`config.source.resolve_run_config`), except
+    that one which does not exist here leaves the config's model section (as in a dry run), so the shipped
+    configs validate on any machine.
+
     Raises:
         pydantic.ValidationError: a bad key or value (format it with `config.errors.format_validation_error`).
+        CheckpointSourceError: `checkpoint.load_from` is invalid or contradicts the model section.
     """
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -171,4 +177,4 @@ def compose_config(
         raw = compose(config_name=config_name, overrides=list(overrides))
     container = OmegaConf.to_container(raw, resolve=True)
     container.pop("hydra", None)
-    return schema.model_validate(container)
+    return schema.model_validate(resolve_run_config(container, overrides, missing_ok=True))

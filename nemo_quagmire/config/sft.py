@@ -31,7 +31,7 @@ from nemo_quagmire.config.run import (
     model_from_preset,
 )
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig
-from nemo_quagmire.megatron.parallel import ParallelConfig
+from nemo_quagmire.megatron.parallel import ParallelConfig, model_split_problems
 from nemo_quagmire.megatron.train_step import OptimConfig
 from nemo_quagmire.trainer.sft_steps import Packing, PromptTemplate
 
@@ -82,7 +82,9 @@ class SFTDataConfig(FrozenConfig):
     )
     train_file: str | None = Field(default=None, description="JSONL of {prompt, response} for task=jsonl.")
     tokenizer: str | None = Field(
-        default=None, description="HF tokenizer directory for task=jsonl; the synthetic task has its own."
+        default=None,
+        description="HF tokenizer directory for task=jsonl; None = the tokenizer of checkpoint.load_from (an "
+        "HF directory, or the run dir of a checkpoint). The synthetic task has its own.",
     )
     prompt_template: PromptTemplate = Field(
         default="raw",
@@ -94,8 +96,9 @@ class SFTDataConfig(FrozenConfig):
     def _check(self) -> SFTDataConfig:
         if self.task == "jsonl" and (self.train_file is None or self.tokenizer is None):
             raise ValueError(
-                "data.task=jsonl needs data.train_file (JSONL of {prompt, response}) and data.tokenizer "
-                "(a local HF tokenizer directory)"
+                "data.task=jsonl needs data.train_file (JSONL of {prompt, response}) and a tokenizer: "
+                "checkpoint.load_from an HF directory (its tokenizer is used) or data.tokenizer (a local HF "
+                "tokenizer directory)"
             )
         if self.task == "synthetic" and self.prompt_template == "chat":
             raise ValueError("data.prompt_template=chat needs an HF tokenizer (data.task=jsonl); use raw")
@@ -125,6 +128,8 @@ class SFTRunConfig(FrozenConfig):
 
     @model_validator(mode="after")
     def _check(self) -> SFTRunConfig:
+        if problems := model_split_problems(self.model, self.parallel):
+            raise ValueError("the model does not split over the parallel layout: " + "; ".join(problems))
         if self.sft.seq_length > self.model.max_position_embeddings:
             raise ValueError(
                 f"sft.seq_length={self.sft.seq_length} exceeds model.max_position_embeddings="
