@@ -29,6 +29,7 @@ from nemo_quagmire.config.model import ModelConfig
 from nemo_quagmire.config.run import (
     CONF_DIR,
     HELDOUT_MISSING,
+    TOKENIZER_MISSING,
     CheckpointConfig,
     LoggingConfig,
     ValidationConfig,
@@ -172,12 +173,8 @@ class DataConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.task == "jsonl" and (self.train_file is None or self.tokenizer is None):
-            raise ValueError(
-                "data.task=jsonl needs data.train_file (JSONL of {id, problem, answer}) and a tokenizer: "
-                "checkpoint.load_from an HF directory (its tokenizer is used) or data.tokenizer (a local HF "
-                "tokenizer directory)"
-            )
+        if self.task == "jsonl" and self.train_file is None:
+            raise ValueError("data.task=jsonl needs data.train_file (JSONL of {id, problem, answer})")
         return self
 
 
@@ -234,6 +231,8 @@ class GRPORunConfig(_Config):
             )
         if self.validation.heldout_source_missing(synthetic_task=self.data.task == "synthetic"):
             raise ValueError(HELDOUT_MISSING)
+        if self.data.task == "jsonl" and self.data.tokenizer is None and self.checkpoint.load_from is None:
+            raise ValueError(TOKENIZER_MISSING)
         return self
 
 

@@ -27,6 +27,7 @@ from nemo_quagmire.config.source import resolve_run_config
 __all__ = [
     "CONF_DIR",
     "HELDOUT_MISSING",
+    "TOKENIZER_MISSING",
     "CheckpointConfig",
     "FrozenConfig",
     "LoggingConfig",
@@ -131,6 +132,12 @@ HELDOUT_MISSING = (
     "validation.heldout_loss is on but validation.heldout_file is unset, and only the synthetic task has a "
     "built-in held-out split; set validation.heldout_file (JSONL of {prompt, response}) or "
     "validation.heldout_loss=false"
+)
+
+
+TOKENIZER_MISSING = (
+    "data.task=jsonl needs a tokenizer: set checkpoint.load_from (an HF directory, or a checkpoint whose run "
+    "dir keeps an HF tokenizer; its tokenizer is used) or data.tokenizer (a local HF tokenizer directory)"
 )
 
 

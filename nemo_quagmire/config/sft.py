@@ -23,6 +23,7 @@ from nemo_quagmire.config.model import ModelConfig
 from nemo_quagmire.config.run import (
     CONF_DIR,
     HELDOUT_MISSING,
+    TOKENIZER_MISSING,
     CheckpointConfig,
     FrozenConfig,
     LoggingConfig,
@@ -94,12 +95,8 @@ class SFTDataConfig(FrozenConfig):
 
     @model_validator(mode="after")
     def _check(self) -> SFTDataConfig:
-        if self.task == "jsonl" and (self.train_file is None or self.tokenizer is None):
-            raise ValueError(
-                "data.task=jsonl needs data.train_file (JSONL of {prompt, response}) and a tokenizer: "
-                "checkpoint.load_from an HF directory (its tokenizer is used) or data.tokenizer (a local HF "
-                "tokenizer directory)"
-            )
+        if self.task == "jsonl" and self.train_file is None:
+            raise ValueError("data.task=jsonl needs data.train_file (JSONL of {prompt, response})")
         if self.task == "synthetic" and self.prompt_template == "chat":
             raise ValueError("data.prompt_template=chat needs an HF tokenizer (data.task=jsonl); use raw")
         return self
@@ -142,6 +139,8 @@ class SFTRunConfig(FrozenConfig):
             )
         if self.validation.heldout_source_missing(synthetic_task=self.data.task == "synthetic"):
             raise ValueError(HELDOUT_MISSING)
+        if self.data.task == "jsonl" and self.data.tokenizer is None and self.checkpoint.load_from is None:
+            raise ValueError(TOKENIZER_MISSING)
         dp = self.parallel.data_parallel_size
         if dp is not None and self.sft.global_batch_size % dp:
             raise ValueError(

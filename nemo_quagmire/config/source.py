@@ -260,7 +260,12 @@ def resolve_run_config(
         )
     out = {**container, "model": {**model.model_dump(), **unknown}}
     data = dict(container.get("data") or {})
-    if data.get("task") == "jsonl" and data.get("tokenizer") is None and source.hf_tokenizer_dir is not None:
+    if data.get("task") == "jsonl" and data.get("tokenizer") is None:
+        if source.hf_tokenizer_dir is None:
+            raise CheckpointSourceError(
+                f"data.task=jsonl needs an HF tokenizer and checkpoint.load_from={load_from} has none "
+                "(tokenizer_config.json); set data.tokenizer to a local HF tokenizer directory"
+            )
         out["data"] = {**data, "tokenizer": str(source.hf_tokenizer_dir)}
     return out
 

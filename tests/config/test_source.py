@@ -166,3 +166,17 @@ def test_a_synthetic_run_dir_keeps_the_character_tokenizer_and_a_llama_config(tm
     assert model_config_from_hf(tmp_path / MODEL_DIR).architecture_mismatches(model) == {}
     generation = json.loads((tmp_path / MODEL_DIR / "generation_config.json").read_text())
     assert generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    # Math prompts need an HF tokenizer: a source without one (this run's) is refused, naming the fix.
+    checkpoint = tmp_path / "checkpoints" / "step_00000001"
+    checkpoint.mkdir(parents=True)
+    meta = {"step": 1, "model_config": model.model_dump(mode="json")}
+    (checkpoint / "checkpoint_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointSourceError, match="has none .* set data.tokenizer"):
+        resolve_run_config({"checkpoint": {"load_from": str(checkpoint)}, "data": {"task": "jsonl"}})
+
+
+def test_math_data_without_any_tokenizer_is_a_config_error():
+    with pytest.raises(ValueError, match="data.task=jsonl needs a tokenizer: set checkpoint.load_from"):
+        compose_run_config(
+            "tiny", ["data.task=jsonl", "data.train_file=t.jsonl", "validation.heldout_loss=false"]
+        )
