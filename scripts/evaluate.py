@@ -8,9 +8,10 @@ Usage:
         --max-new-tokens 3072 --heldout data/sft/heldout.jsonl --out runs/eval-sft   # or torchrun (DP)
     python scripts/evaluate.py --regrade runs/sft-tiny/eval/step_00000300 --out runs/regraded
 
---checkpoint is a checkpoint directory of this project (`<run_dir>/checkpoints/step_N`; its tokenizer is
-found in <run_dir>/tokenizer.json unless --tokenizer says) or an HF directory (config.json, safetensors and
-its tokenizer). Benchmarks are files of --benchmarks-dir (default $NEMO_QUAGMIRE_BENCHMARKS_DIR) or
+--checkpoint is a checkpoint directory of this project (`<run_dir>/checkpoints/step_N`; its model config and
+tokenizer come from the run dir, `<run_dir>/model/`) or an HF directory (config.json, safetensors and its
+tokenizer); --tokenizer replaces the tokenizer. Benchmarks are files of --benchmarks-dir (default
+$NEMO_QUAGMIRE_BENCHMARKS_DIR) or
 `synthetic`, the embedded task's held-out split (--synthetic-seed and --synthetic-heldout must match the
 run's seed and data.num_heldout). The evaluation is the training runs' validation callbacks
 (`nemo_quagmire.trainer.build.validation_callbacks`), so the numbers are those a run logs.
@@ -134,40 +135,32 @@ def validation_config(args: argparse.Namespace) -> Any:
 
 
 def load_tokenizer(args: argparse.Namespace, checkpoint: Path) -> Any:
-    """--tokenizer, else the HF checkpoint's own, else `<run_dir>/tokenizer.json` beside the checkpoints."""
-    from nemo_quagmire.data.hf_tokenizer import HFTokenizer
-    from nemo_quagmire.data.tokenizer import TOKENIZER_FILE, CharTokenizer
+    """--tokenizer, else the checkpoint's own (the HF directory's, or the one its run dir keeps)."""
+    from nemo_quagmire.config.source import load_tokenizer as load
 
-    if args.tokenizer is not None:
-        directory = Path(args.tokenizer)
-    elif (checkpoint / "config.json").is_file():
-        directory = checkpoint
-    else:
-        directory = checkpoint.parent.parent  # <run_dir>/checkpoints/step_N -> <run_dir>
-        if not (directory / TOKENIZER_FILE).is_file():
-            raise InputError(f"no tokenizer found for {checkpoint} (looked in {directory}); pass --tokenizer")
-    try:
-        return CharTokenizer.load(directory)
-    except (FileNotFoundError, ValueError):
-        return HFTokenizer(directory)
+    directory = Path(args.tokenizer) if args.tokenizer is not None else _source(checkpoint).tokenizer_dir
+    if directory is None:
+        raise InputError(f"no tokenizer found for {checkpoint} (nor in its run dir); pass --tokenizer")
+    return load(directory)
 
 
 def model_config_of(checkpoint: Path) -> tuple[Any, int]:
     """The checkpoint's model config and step (0 for an HF directory)."""
-    from nemo_quagmire.config.model import ModelConfig
-    from nemo_quagmire.megatron.checkpoint import META_FILE, checkpoint_problems, read_checkpoint_meta
-    from nemo_quagmire.megatron.hf import model_config_from_hf
+    source = _source(checkpoint)
+    return source.model, source.step
 
-    if (checkpoint / META_FILE).is_file():
-        if problems := checkpoint_problems(checkpoint):  # before the model is built
-            raise InputError(f"checkpoint {checkpoint} is damaged: {', '.join(problems)}")
-        meta = read_checkpoint_meta(checkpoint)
-        return ModelConfig.model_validate(meta["model_config"]), int(meta["step"])
-    if (checkpoint / "config.json").is_file():
-        return model_config_from_hf(checkpoint), 0
-    raise InputError(
-        f"{checkpoint} is neither a checkpoint of this project ({META_FILE}) nor an HF dir (config.json)"
-    )
+
+def _source(checkpoint: Path) -> Any:
+    """What `--checkpoint` provides; a damaged checkpoint of this project is refused before any model work."""
+    from nemo_quagmire.config.source import CheckpointSourceError, read_checkpoint_source
+    from nemo_quagmire.megatron.checkpoint import META_FILE, checkpoint_problems
+
+    if (checkpoint / META_FILE).is_file() and (problems := checkpoint_problems(checkpoint)):
+        raise InputError(f"checkpoint {checkpoint} is damaged: {', '.join(problems)}")
+    try:
+        return read_checkpoint_source(checkpoint, key="--checkpoint")
+    except CheckpointSourceError as error:
+        raise InputError(str(error)) from None
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:

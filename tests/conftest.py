@@ -52,3 +52,13 @@ def megatron_world1() -> Iterator[None]:
     initialize_parallel(get_model_preset("tiny"), ParallelConfig(), seed=1234)
     yield
     destroy_parallel(destroy_process_group=owns_group)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real Llama chat model as an HF directory: byte-level BPE tokenizer with a chat template, random
+    weights, float32-rounded rms_norm_eps, a generation config (tests/hf_models.py). Read-only: copy it to
+    change it."""
+    from tests.hf_models import make_tiny_chat_model
+
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny_chat_model"))

@@ -30,6 +30,7 @@ from nemo_quagmire.config.model import ModelConfig
 from nemo_quagmire.config.run import (
     CONF_DIR,
     HELDOUT_MISSING,
+    TOKENIZER_MISSING,
     CheckpointConfig,
     LoggingConfig,
     ValidationConfig,
@@ -39,7 +40,7 @@ from nemo_quagmire.config.run import (
 )
 from nemo_quagmire.config.run import FrozenConfig as _Config
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig
-from nemo_quagmire.megatron.parallel import ParallelConfig
+from nemo_quagmire.megatron.parallel import ParallelConfig, model_split_problems
 from nemo_quagmire.megatron.train_step import OptimConfig
 
 __all__ = [
@@ -172,17 +173,16 @@ class DataConfig(_Config):
     num_heldout: PositiveInt = Field(default=256, description="Synthetic held-out problems (validation).")
     train_file: str | None = Field(default=None, description="JSONL of {id, problem, answer} for task=jsonl.")
     tokenizer: str | None = Field(
-        default=None, description="HF tokenizer directory for task=jsonl; the synthetic task has its own."
+        default=None,
+        description="HF tokenizer directory for task=jsonl; None = the tokenizer of checkpoint.load_from (an "
+        "HF directory, or the run dir of a checkpoint). The synthetic task has its own.",
     )
     prompt_template: Literal["plain", "chat"] = "chat"
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.task == "jsonl" and (self.train_file is None or self.tokenizer is None):
-            raise ValueError(
-                "data.task=jsonl needs data.train_file (JSONL of {id, problem, answer}) and data.tokenizer "
-                "(a local HF tokenizer directory)"
-            )
+        if self.task == "jsonl" and self.train_file is None:
+            raise ValueError("data.task=jsonl needs data.train_file (JSONL of {id, problem, answer})")
         check_files_used(self)
         return self
 
@@ -226,6 +226,8 @@ class GRPORunConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> GRPORunConfig:
+        if problems := model_split_problems(self.model, self.parallel):
+            raise ValueError("the model does not split over the parallel layout: " + "; ".join(problems))
         if self.grpo.dynamic_sampling and self.grpo.num_minibatches > 1:
             raise ValueError(
                 "grpo.dynamic_sampling with grpo.num_minibatches > 1 is not supported: the kept rows vary "
@@ -239,6 +241,8 @@ class GRPORunConfig(_Config):
         if self.validation.heldout_source_missing(synthetic_task=self.data.task == "synthetic"):
             raise ValueError(HELDOUT_MISSING)
         self.validation.check_benchmarks_encodable(synthetic_task=self.data.task == "synthetic")
+        if self.data.task == "jsonl" and self.data.tokenizer is None and self.checkpoint.load_from is None:
+            raise ValueError(TOKENIZER_MISSING)
         return self
 
 

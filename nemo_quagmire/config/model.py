@@ -13,22 +13,43 @@ card (sources cited next to each preset), plus ``tiny``: the same shape as the T
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 __all__ = [
+    "FLOAT_REL_TOL",
     "MODEL_PRESETS",
+    "NON_ARCHITECTURE_FIELDS",
     "Fp8Recipe",
     "ModelConfig",
     "ParameterCount",
     "count_parameters",
     "get_model_preset",
+    "same_value",
 ]
 
 Fp8Recipe = Literal["delayed", "tensorwise", "blockwise", "mxfp8"]
 Recompute = Literal["none", "selective", "full"]
+
+# Fields that do not decide the weights' shapes or meaning: the same weights load under any value of them.
+NON_ARCHITECTURE_FIELDS = frozenset(
+    {"params_dtype", "attention_dropout", "hidden_dropout", "init_method_std", "recompute"}
+    | {"fp8", "fp8_format", "fp8_margin", "fp8_amax_history_len", "fp8_amax_compute_algo"}
+)
+# Relative tolerance of float fields: a value stored as float32 and read back as a double (rms_norm_eps
+# 1e-5 -> 9.999999747378752e-06) is off by at most 2**-24 ~ 6e-8; an intended change is far larger.
+FLOAT_REL_TOL = 1e-6
+
+
+def same_value(a: object, b: object) -> bool:
+    """Equality of config values, with :data:`FLOAT_REL_TOL` where either side is a float."""
+    if isinstance(a, float) or isinstance(b, float):
+        numbers = (int, float)
+        return isinstance(a, numbers) and isinstance(b, numbers) and math.isclose(a, b, rel_tol=FLOAT_REL_TOL)
+    return a == b
 
 
 class ModelConfig(BaseModel):
@@ -142,15 +163,14 @@ class ModelConfig(BaseModel):
     def architecture_mismatches(self, other: ModelConfig) -> dict[str, tuple[object, object]]:
         """Fields that decide the weights' shapes or meaning and differ: ``{field: (self, other)}``.
 
-        Precision fields (params_dtype, fp8*), dropouts and recomputation are left out: the same weights load
-        under any.
+        :data:`NON_ARCHITECTURE_FIELDS` (precision, dropouts, recomputation) are left out: the same weights
+        load under any. Float fields compare within :data:`FLOAT_REL_TOL` (see :func:`same_value`).
         """
-        ignored = {"params_dtype", "attention_dropout", "hidden_dropout", "init_method_std", "recompute"}
-        ignored |= {name for name in type(self).model_fields if name.startswith("fp8")}
         return {
             name: (getattr(self, name), getattr(other, name))
             for name in type(self).model_fields
-            if name not in ignored and getattr(self, name) != getattr(other, name)
+            if name not in NON_ARCHITECTURE_FIELDS
+            and not same_value(getattr(self, name), getattr(other, name))
         }
 
 

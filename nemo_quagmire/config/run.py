@@ -24,10 +24,12 @@ from pydantic import (
 from nemo_quagmire.callbacks.passk import MAX_NUM_SAMPLES, SYNTHETIC
 from nemo_quagmire.config.model import ModelConfig, get_model_preset
 from nemo_quagmire.eval.benchmarks import check_benchmark_name
+from nemo_quagmire.config.source import resolve_run_config
 
 __all__ = [
     "CONF_DIR",
     "HELDOUT_MISSING",
+    "TOKENIZER_MISSING",
     "CheckpointConfig",
     "FrozenConfig",
     "LoggingConfig",
@@ -169,6 +171,12 @@ def check_files_used(data: BaseModel) -> None:
         )
 
 
+TOKENIZER_MISSING = (
+    "data.task=jsonl needs a tokenizer: set checkpoint.load_from (an HF directory, or a checkpoint whose run "
+    "dir keeps an HF tokenizer; its tokenizer is used) or data.tokenizer (a local HF tokenizer directory)"
+)
+
+
 class LoggingConfig(FrozenConfig):
     tensorboard: bool = True
     wandb: dict[str, Any] | None = Field(default=None, description="Kwargs of wandb.init; None = off.")
@@ -197,8 +205,13 @@ def compose_config(
 ) -> ConfigT:
     """Compose `config_dir/config_name.yaml` with Hydra command-line `overrides` and validate it.
 
+    `checkpoint.load_from` is resolved as the training scripts do (`config.source.resolve_run_config`), except
+    that one which does not exist here leaves the config's model section (as in a dry run), so the shipped
+    configs validate on any machine.
+
     Raises:
         pydantic.ValidationError: a bad key or value (format it with `config.errors.format_validation_error`).
+        CheckpointSourceError: `checkpoint.load_from` is invalid or contradicts the model section.
     """
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -207,4 +220,4 @@ def compose_config(
         raw = compose(config_name=config_name, overrides=list(overrides))
     container = OmegaConf.to_container(raw, resolve=True)
     container.pop("hydra", None)
-    return schema.model_validate(container)
+    return schema.model_validate(resolve_run_config(container, overrides, missing_ok=True))

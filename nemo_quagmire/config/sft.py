@@ -23,6 +23,7 @@ from nemo_quagmire.config.model import ModelConfig
 from nemo_quagmire.config.run import (
     CONF_DIR,
     HELDOUT_MISSING,
+    TOKENIZER_MISSING,
     CheckpointConfig,
     FrozenConfig,
     LoggingConfig,
@@ -32,7 +33,7 @@ from nemo_quagmire.config.run import (
     model_from_preset,
 )
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig
-from nemo_quagmire.megatron.parallel import ParallelConfig
+from nemo_quagmire.megatron.parallel import ParallelConfig, model_split_problems
 from nemo_quagmire.megatron.train_step import OptimConfig
 from nemo_quagmire.trainer.sft_steps import Packing, PromptTemplate
 
@@ -83,7 +84,9 @@ class SFTDataConfig(FrozenConfig):
     )
     train_file: str | None = Field(default=None, description="JSONL of {prompt, response} for task=jsonl.")
     tokenizer: str | None = Field(
-        default=None, description="HF tokenizer directory for task=jsonl; the synthetic task has its own."
+        default=None,
+        description="HF tokenizer directory for task=jsonl; None = the tokenizer of checkpoint.load_from (an "
+        "HF directory, or the run dir of a checkpoint). The synthetic task has its own.",
     )
     prompt_template: PromptTemplate = Field(
         default="raw",
@@ -93,11 +96,8 @@ class SFTDataConfig(FrozenConfig):
 
     @model_validator(mode="after")
     def _check(self) -> SFTDataConfig:
-        if self.task == "jsonl" and (self.train_file is None or self.tokenizer is None):
-            raise ValueError(
-                "data.task=jsonl needs data.train_file (JSONL of {prompt, response}) and data.tokenizer "
-                "(a local HF tokenizer directory)"
-            )
+        if self.task == "jsonl" and self.train_file is None:
+            raise ValueError("data.task=jsonl needs data.train_file (JSONL of {prompt, response})")
         if self.task == "synthetic" and self.prompt_template == "chat":
             raise ValueError("data.prompt_template=chat needs an HF tokenizer (data.task=jsonl); use raw")
         check_files_used(self)
@@ -127,6 +127,8 @@ class SFTRunConfig(FrozenConfig):
 
     @model_validator(mode="after")
     def _check(self) -> SFTRunConfig:
+        if problems := model_split_problems(self.model, self.parallel):
+            raise ValueError("the model does not split over the parallel layout: " + "; ".join(problems))
         if self.sft.seq_length > self.model.max_position_embeddings:
             raise ValueError(
                 f"sft.seq_length={self.sft.seq_length} exceeds model.max_position_embeddings="
@@ -140,6 +142,8 @@ class SFTRunConfig(FrozenConfig):
         if self.validation.heldout_source_missing(synthetic_task=self.data.task == "synthetic"):
             raise ValueError(HELDOUT_MISSING)
         self.validation.check_benchmarks_encodable(synthetic_task=self.data.task == "synthetic")
+        if self.data.task == "jsonl" and self.data.tokenizer is None and self.checkpoint.load_from is None:
+            raise ValueError(TOKENIZER_MISSING)
         dp = self.parallel.data_parallel_size
         if dp is not None and self.sft.global_batch_size % dp:
             raise ValueError(

@@ -58,6 +58,11 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the tokenizer's files (tokenizer.json, tokenizer_config.json, chat template) to `directory`,
+        as transformers' `save_pretrained` does, so that the directory loads back with this class."""
+        self._tokenizer.save_pretrained(str(directory))
+
     def apply_chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
         """The underlying tokenizer's chat template (used by `eval.benchmarks.format_prompt`)."""
         return self._tokenizer.apply_chat_template(messages, **kwargs)

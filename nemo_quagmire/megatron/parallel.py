@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import random
 import socket
@@ -33,6 +34,8 @@ __all__ = [
     "ParallelConfig",
     "destroy_parallel",
     "initialize_parallel",
+    "launched_world",
+    "model_split_problems",
     "parallel_context",
     "set_random_seed",
     "validate_layout",
@@ -100,29 +103,7 @@ def validate_layout(
     tp = parallel_cfg.tensor_model_parallel_size
     pp = parallel_cfg.pipeline_model_parallel_size
     cp = parallel_cfg.context_parallel_size
-    problems: list[str] = []
-    for what, value in (
-        ("num_attention_heads", model_cfg.num_attention_heads),
-        ("num_query_groups (KV heads)", model_cfg.query_groups),
-        ("ffn_hidden_size", model_cfg.ffn_hidden_size),
-    ):
-        if value % tp:
-            problems.append(
-                f"{what}={value} is not divisible by tensor_model_parallel_size={tp}; choose TP among its "
-                f"divisors {_divisors(value)}"
-            )
-    if model_cfg.vocab_size % tp:
-        padded = -(-model_cfg.vocab_size // tp) * tp
-        problems.append(
-            f"vocab_size={model_cfg.vocab_size} is not divisible by tensor_model_parallel_size={tp}; pad the "
-            f"embedding table to {padded} rows (extra ids never appear in data) or choose TP among "
-            f"{_divisors(model_cfg.vocab_size)}"
-        )
-    if model_cfg.num_layers % pp:
-        problems.append(
-            f"num_layers={model_cfg.num_layers} is not divisible by pipeline_model_parallel_size={pp}; "
-            f"choose PP among {_divisors(model_cfg.num_layers)}"
-        )
+    problems = model_split_problems(model_cfg, parallel_cfg)
     if cp > 1 and backend == "gloo":
         problems.append(
             f"context_parallel_size={cp} is unsupported on gloo/CPU: megatron-core runs context parallelism "
@@ -150,8 +131,41 @@ def validate_layout(
     return Layout(tp=tp, pp=pp, cp=cp, dp=world_size // model_parallel)
 
 
+def model_split_problems(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> list[str]:
+    """What keeps ``model_cfg`` from splitting under ``parallel_cfg`` whatever the world size, one line per
+    rule naming the valid sizes: TP must divide the attention heads, the KV heads (query groups), the MLP
+    width and the vocabulary (valid values: the common divisors of all four); PP must divide the layers.
+    Pure (no process group), so config validation runs it before anything starts.
+    """
+    tp = parallel_cfg.tensor_model_parallel_size
+    pp = parallel_cfg.pipeline_model_parallel_size
+    problems: list[str] = []
+    split_by_tp = {
+        "num_attention_heads": model_cfg.num_attention_heads,
+        "num_query_groups (KV heads)": model_cfg.query_groups,
+        "ffn_hidden_size": model_cfg.ffn_hidden_size,
+        "vocab_size": model_cfg.vocab_size,
+    }
+    if undivided := [f"{what}={value}" for what, value in split_by_tp.items() if value % tp]:
+        valid = _divisors(math.gcd(*split_by_tp.values()))
+        hint = ""
+        if model_cfg.vocab_size % tp:
+            padded = -(-model_cfg.vocab_size // tp) * tp
+            hint = f" (or pad the embedding table to {padded} rows: extra ids never appear in data)"
+        problems.append(
+            f"parallel.tensor_model_parallel_size={tp} does not divide {', '.join(undivided)}; valid: "
+            f"{', '.join(map(str, valid))}{hint}"
+        )
+    if model_cfg.num_layers % pp:
+        problems.append(
+            f"parallel.pipeline_model_parallel_size={pp} does not divide num_layers={model_cfg.num_layers}; "
+            f"valid: {', '.join(map(str, _divisors(model_cfg.num_layers)))}"
+        )
+    return problems
+
+
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def set_random_seed(seed: int) -> None:
@@ -171,6 +185,16 @@ def set_random_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
 
 
+def launched_world() -> tuple[int, Literal["nccl", "gloo"]]:
+    """The world size and backend :func:`initialize_parallel` will use: the existing process group's size,
+    else the launcher's ``WORLD_SIZE``, else 1; NCCL with CUDA, else gloo. Reads no process group state
+    beyond ``is_initialized``, so entry points check the layout with it before starting anything."""
+    backend: Literal["nccl", "gloo"] = "nccl" if torch.cuda.is_available() else "gloo"
+    if dist.is_initialized():
+        return dist.get_world_size(), backend
+    return int(os.environ.get("WORLD_SIZE", "1")), backend
+
+
 def initialize_parallel(
     model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, seed: int = 1234, timeout_minutes: int = 30
 ) -> Layout:
@@ -187,12 +211,8 @@ def initialize_parallel(
         ValueError: the layout does not fit (see :func:`validate_layout`).
     """
     cuda = torch.cuda.is_available()
-    backend: Literal["nccl", "gloo"] = "nccl" if cuda else "gloo"
     launched = "WORLD_SIZE" in os.environ
-    if dist.is_initialized():
-        world_size = dist.get_world_size()
-    else:
-        world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
+    world_size, backend = launched_world()
     layout = validate_layout(model_cfg, parallel_cfg, world_size, backend=backend)
     if not cuda:
         compat.activate()

@@ -36,6 +36,9 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str: ...
 
+    def save(self, directory: Path) -> object:
+        """Write the tokenizer's files into `directory` (the run dir keeps them for evaluation)."""
+
 
 @dataclass(frozen=True)
 class PolicyHandle:

@@ -82,15 +82,21 @@ def _without_traceback(text: str) -> str:
 
 
 def _run(raw: Any, schema: type, *, plan: Callable, build: Callable, what: str) -> int:
+    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
     from pydantic import ValidationError
 
     from nemo_quagmire.config.errors import format_validation_error
+    from nemo_quagmire.config.source import CheckpointSourceError, resolve_run_config
     from nemo_quagmire.utils.logging import configure_logging
 
     configure_logging()
     container = OmegaConf.to_container(raw, resolve=True)
     container.pop("hydra", None)
+    try:  # the model shape and tokenizer of checkpoint.load_from (config.source), before validation
+        container = resolve_run_config(container, HydraConfig.get().overrides.task)
+    except CheckpointSourceError as error:
+        raise InputError(f"invalid {what}: {error}") from None
     try:
         cfg = schema.model_validate(container)
     except ValidationError as error:

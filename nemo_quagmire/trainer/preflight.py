@@ -13,7 +13,6 @@ combinations) and run first, also for dry runs.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +43,11 @@ def preflight(cfg: Any) -> None:
 
 
 def _layout_problems(cfg: Any) -> list[str]:
-    from nemo_quagmire.megatron.parallel import validate_layout
+    from nemo_quagmire.megatron.parallel import launched_world, validate_layout
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; 1 for a plain launch
+    world_size, backend = launched_world()
     try:
-        validate_layout(cfg.model, cfg.parallel, world_size)
+        validate_layout(cfg.model, cfg.parallel, world_size, backend=backend)
     except ValueError as err:
         return [f"parallel: {line.strip()}" for line in str(err).splitlines()[1:]] or [f"parallel: {err}"]
     return []

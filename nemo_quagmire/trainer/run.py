@@ -29,6 +29,7 @@ import torch
 
 from nemo_quagmire.config.model import ModelConfig
 from nemo_quagmire.config.run import CheckpointConfig, LoggingConfig, ValidationConfig
+from nemo_quagmire.config.source import write_model_dir
 from nemo_quagmire.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from nemo_quagmire.trainer.callbacks import Callback, CallbackList, PolicyHandle, Tokenizer
 from nemo_quagmire.trainer.metrics import MetricsLogger
@@ -71,7 +72,8 @@ class RunLoop:
 
     Args:
         cfg: the validated run config.
-        tokenizer: encodes prompts, decodes completions (saved to `<run_dir>/tokenizer.json` if it can be).
+        tokenizer: encodes prompts, decodes completions (saved with the HF model config to `<run_dir>/model`,
+            see `config.source.write_model_dir`).
         callbacks: validation and monitoring hooks.
         max_steps: optimizer steps of the whole run.
 
@@ -163,8 +165,8 @@ class RunLoop:
             resumed_step = self.step = int(state["step"])
             self._restore(state)
             logger.info("resumed from %s (step %d)", resume_from, self.step)
-        if global_rank() == 0 and hasattr(self.tokenizer, "save"):
-            self.tokenizer.save(self.run_dir)  # so that scripts/evaluate.py finds it next to the checkpoints
+        if global_rank() == 0:  # what evaluate.py and export_hf.py read beside the checkpoints
+            write_model_dir(self.run_dir, cfg.model, self.tokenizer, cfg.checkpoint.load_from)
         if global_rank() == 0 and cfg.checkpoint.load_from is not None:
             # The link the predictor report follows from this run back to the checkpoint it started from.
             with atomic_write(self.run_dir / RUN_INFO_FILE) as handle:

@@ -92,3 +92,18 @@ def test_architecture_mismatches_ignore_precision_only():
         "num_layers": (4, 2),
         "tie_word_embeddings": (False, True),
     }
+
+
+def test_float_fields_compare_within_a_float32_round_trip():
+    import numpy as np
+
+    from nemo_quagmire.config.model import NON_ARCHITECTURE_FIELDS, ModelConfig
+
+    base = get_model_preset("llama3_8b")  # norm_epsilon 1e-5
+    stored = base.replace(norm_epsilon=float(np.float32(1e-5)))  # 9.999999747378752e-06
+    assert stored.norm_epsilon != base.norm_epsilon and base.architecture_mismatches(stored) == {}
+    assert base.architecture_mismatches(base.replace(norm_epsilon=1e-6)) == {"norm_epsilon": (1e-5, 1e-6)}
+    assert base.architecture_mismatches(base.replace(rotary_base=500_001.0)) == {
+        "rotary_base": (500_000.0, 500_001.0)
+    }
+    assert NON_ARCHITECTURE_FIELDS <= set(ModelConfig.model_fields)  # a renamed field must not slip through

@@ -44,35 +44,38 @@ def test_valid_layouts_resolve_the_data_parallel_size(world, parallel, expected)
             _parallel(tp=2),
             2,
             None,
-            ["num_query_groups (KV heads)=1 is not divisible by tensor_model_parallel_size=2", "[1]"],
+            ["parallel.tensor_model_parallel_size=2 does not divide num_query_groups (KV heads)=1; valid: 1"],
         ),
         (
             TINY.replace(num_attention_heads=2, num_query_groups=2, kv_channels=64),
             _parallel(tp=4),
             4,
             None,
-            ["num_attention_heads=2 is not divisible by tensor_model_parallel_size=4"],
+            [
+                "tensor_model_parallel_size=4 does not divide num_attention_heads=2, num_query_groups (KV "
+                "heads)=2; valid: 1, 2"
+            ],
         ),
         (
             TINY,
             _parallel(pp=3),
             3,
             None,
-            ["num_layers=4 is not divisible by pipeline_model_parallel_size=3", "[1, 2, 4]"],
+            ["pipeline_model_parallel_size=3 does not divide num_layers=4; valid: 1, 2, 4"],
         ),
         (
             TINY.replace(vocab_size=101),
             _parallel(tp=2),
             2,
             None,
-            ["vocab_size=101", "pad the embedding table to 102"],
+            ["does not divide vocab_size=101; valid: 1 (or pad the embedding table to 102 rows"],
         ),
         (
             TINY.replace(ffn_hidden_size=343),
             _parallel(tp=2),
             2,
             None,
-            ["ffn_hidden_size=343 is not divisible by tensor_model_parallel_size=2", "[1, 7, 49]"],
+            ["tensor_model_parallel_size=2 does not divide ffn_hidden_size=343; valid: 1"],
         ),
         (TINY, _parallel(tp=2), 3, None, ["world size 3 is not divisible by TP x PP x CP = 2 x 1 x 1 = 2"]),
         (
@@ -93,10 +96,25 @@ def test_invalid_layouts_name_values_and_fix(model, parallel, world, backend, fr
         assert fragment in str(info.value)
 
 
+def test_the_valid_tensor_parallel_sizes_are_common_to_every_split_dimension():
+    # Mistral-NeMo-12B: 32 heads, 8 KV heads, ffn 14336, vocab 131072 -> TP in 1, 2, 4, 8.
+    nemo = get_model_preset("mistral_nemo_12b")
+    with pytest.raises(ValueError) as info:
+        validate_layout(nemo, _parallel(tp=3), 3)
+    assert (
+        "parallel.tensor_model_parallel_size=3 does not divide num_attention_heads=32, num_query_groups "
+        "(KV heads)=8, ffn_hidden_size=14336, vocab_size=131072; valid: 1, 2, 4, 8 (or pad"
+    ) in str(info.value)
+    with pytest.raises(
+        ValueError, match=r"=16 does not divide num_query_groups \(KV heads\)=8; valid: 1, 2, 4, 8$"
+    ):
+        validate_layout(nemo, _parallel(tp=16), 16)  # 16 divides the heads, the MLP width and the vocabulary
+
+
 def test_all_problems_are_reported_together():
     with pytest.raises(ValueError) as info:
         validate_layout(TINY.replace(vocab_size=101), _parallel(tp=2, pp=3), 5)
-    assert str(info.value).count("\n") == 3  # vocab, layers, world size
+    assert str(info.value).count("\n") == 3  # TP (vocab), layers, world size
 
 
 def test_context_parallel_is_allowed_on_nccl():

@@ -45,12 +45,22 @@ def test_nemo12b_without_model_parallelism_does_not_fit_and_says_what_to_change(
     assert "DOES NOT FIT" in report.upper() and "TP" in report
 
 
-def test_a_layout_that_does_not_divide_the_model_names_the_values():
-    cfg = _config("nemo12b", ["parallel.tensor_model_parallel_size=3", "parallel.data_parallel_size=1"])
+def test_a_layout_that_does_not_divide_the_model_is_a_config_error_naming_the_valid_sizes():
     with pytest.raises(
-        ValueError, match=r"num_attention_heads=32 is not divisible by tensor_model_parallel_size=3"
+        ValueError, match=r"tensor_model_parallel_size=3 does not divide num_attention_heads=32"
     ):
-        plan_grpo_run(cfg)
+        _config("nemo12b", ["parallel.tensor_model_parallel_size=3", "parallel.data_parallel_size=1"])
+
+
+def test_a_world_the_layout_does_not_fit_exits_2_before_anything_starts(monkeypatch, capsys):
+    from nemo_quagmire.trainer.entry import plan_or_train
+
+    cfg = _config("tiny", ["parallel.tensor_model_parallel_size=2"])  # TP 2 splits the tiny model
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc-per-node 3 would set it
+    built = []
+    assert plan_or_train(cfg, plan=plan_grpo_run, build=built.append, what="GRPO config") == 2
+    assert "is not divisible by TP x PP x CP = 2 x 1 x 1 = 2" in capsys.readouterr().err
+    assert not built  # no trainer, no process group
 
 
 def _launch(args: list[str], **kwargs) -> subprocess.Popen:

@@ -81,7 +81,9 @@ def test_a_run_logs_training_and_both_predictors_and_saves_checkpoints(straight)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     samples = read_samples(run_dir / "eval" / "step_00000004" / "samples.parquet")
     assert len(samples) == 4 * 2 and {s.benchmark for s in samples} == {"synthetic_arith"}
-    assert (run_dir / "tokenizer.json").is_file()
+    assert {"tokenizer.json", "config.json", "generation_config.json"} <= {
+        p.name for p in (run_dir / "model").iterdir()
+    }
 
 
 def test_a_resumed_run_repeats_the_uninterrupted_one(straight, tmp_path):
