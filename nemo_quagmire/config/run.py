@@ -23,8 +23,8 @@ from pydantic import (
 
 from nemo_quagmire.callbacks.passk import MAX_NUM_SAMPLES, SYNTHETIC
 from nemo_quagmire.config.model import ModelConfig, get_model_preset
-from nemo_quagmire.eval.benchmarks import check_benchmark_name
 from nemo_quagmire.config.source import resolve_run_config
+from nemo_quagmire.eval.benchmarks import check_benchmark_name
 
 __all__ = [
     "CONF_DIR",
