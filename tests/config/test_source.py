@@ -151,11 +151,23 @@ def test_a_run_dir_describes_its_model_as_an_hf_directory_without_weights(tiny_c
     # A checkpoint of that run reads back as a source: its model, its step, the run's tokenizer.
     checkpoint = run_dir / "checkpoints" / "step_00000007"
     checkpoint.mkdir(parents=True)
-    meta = {"step": 7, "model_config": source.model.model_dump(mode="json")}
+    meta = _checkpoint_meta(7, source.model)
     (checkpoint / "checkpoint_meta.json").write_text(json.dumps(meta))
     again = read_checkpoint_source(checkpoint)
     assert (again.kind, again.step, again.model) == ("run", 7, source.model)
     assert again.hf_tokenizer_dir == model_dir and again.hf_config_file == model_dir / "config.json"
+
+
+def _checkpoint_meta(step, model):
+    """The metadata keys every checkpoint of this project has (megatron.checkpoint.read_checkpoint_meta)."""
+    return {
+        "format_version": 2,
+        "step": step,
+        "model_config": model.model_dump(mode="json"),
+        "layout": {"tp": 1, "pp": 1, "dp": 1},
+        "has_optimizer": False,
+        "optimizer_metadata": None,
+    }
 
 
 def test_a_synthetic_run_dir_keeps_the_character_tokenizer_and_a_llama_config(tmp_path):
@@ -169,7 +181,7 @@ def test_a_synthetic_run_dir_keeps_the_character_tokenizer_and_a_llama_config(tm
     # Math prompts need an HF tokenizer: a source without one (this run's) is refused, naming the fix.
     checkpoint = tmp_path / "checkpoints" / "step_00000001"
     checkpoint.mkdir(parents=True)
-    meta = {"step": 1, "model_config": model.model_dump(mode="json")}
+    meta = _checkpoint_meta(1, model)
     (checkpoint / "checkpoint_meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointSourceError, match="has none .* set data.tokenizer"):
         resolve_run_config({"checkpoint": {"load_from": str(checkpoint)}, "data": {"task": "jsonl"}})
