@@ -38,11 +38,18 @@ def _setup_kwargs() -> dict:
     return captured
 
 
-def _requirements(name: str) -> list[Requirement]:
-    """Every requirement on `name` in setup.py: install_requires and all extras."""
+def _requirements(name: str, extras: set[str] | None = None) -> list[Requirement]:
+    """Every requirement on `name` in setup.py: install_requires and the given extras (None = all)."""
     kwargs = _setup_kwargs()
-    lines = [*kwargs["install_requires"], *(r for extra in kwargs["extras_require"].values() for r in extra)]
-    return [req for req in map(Requirement, lines) if req.name.lower() == name]
+    chosen = [
+        r
+        for extra, reqs in kwargs["extras_require"].items()
+        if extras is None or extra in extras
+        for r in reqs
+    ]
+    return [
+        req for req in map(Requirement, [*kwargs["install_requires"], *chosen]) if req.name.lower() == name
+    ]
 
 
 def _constraint_pins() -> dict[str, str]:
@@ -71,8 +78,8 @@ def test_base_image_is_a_pinned_ngc_tag():
 def test_megatron_core_is_the_tested_version_and_satisfies_setup_py():
     pinned = Version(_build_args()["MEGATRON_CORE_VERSION"])
     assert str(pinned) == _constraint_pins()["megatron-core"], "docker and constraints.txt disagree"
-    specs = _requirements("megatron-core")
-    assert specs, "setup.py declares no megatron-core requirement"
+    specs = _requirements("megatron-core", _trainer_extras())  # [nemo] pins NeMo's own, in its own env
+    assert specs, "setup.py declares no megatron-core requirement for the trainer's extras"
     assert all(req.specifier.contains(pinned) for req in specs), [str(r) for r in specs]
 
 

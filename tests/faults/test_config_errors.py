@@ -38,7 +38,7 @@ CASES = {
     ),
     "TP=3 outside a dry run": (
         ["parallel.tensor_model_parallel_size=3"],
-        ["num_attention_heads=4 is not divisible by tensor_model_parallel_size=3", "world size 1"],
+        ["parallel.tensor_model_parallel_size=3 does not divide num_attention_heads=4", "valid: 1, 2"],
     ),
     "missing load_from": (
         ["checkpoint.load_from={tmp}/nope"],

@@ -52,14 +52,18 @@ def test_a_layout_that_does_not_divide_the_model_is_a_config_error_naming_the_va
         _config("nemo12b", ["parallel.tensor_model_parallel_size=3", "parallel.data_parallel_size=1"])
 
 
-def test_a_world_the_layout_does_not_fit_exits_2_before_anything_starts(monkeypatch, capsys):
+def test_a_world_the_layout_does_not_fit_is_an_input_error_before_anything_starts(monkeypatch):
+    import torch.distributed as dist
+
     from nemo_quagmire.trainer.entry import plan_or_train
+    from nemo_quagmire.utils.errors import InputError
 
     cfg = _config("tiny", ["parallel.tensor_model_parallel_size=2"])  # TP 2 splits the tiny model
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc-per-node 3 would set it
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # a fresh rank: no process group yet
     built = []
-    assert plan_or_train(cfg, plan=plan_grpo_run, build=built.append, what="GRPO config") == 2
-    assert "is not divisible by TP x PP x CP = 2 x 1 x 1 = 2" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"world size 3 is not divisible by TP x PP x CP = 2 x 1 x 1 = 2"):
+        plan_or_train(cfg, plan=plan_grpo_run, build=built.append, what="GRPO config")
     assert not built  # no trainer, no process group
 
 
