@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log", default="%x-%j.out", help="the job's log file (%%x job name, %%j job id)")
     parser.add_argument("--rdzv-port", type=int, default=DEFAULT_RDZV_PORT)
     parser.add_argument("--export", action="append", default=[], metavar="NAME=VALUE", help="repeatable")
+    parser.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another #SBATCH option (repeatable)",
+    )
     parser.add_argument("--out", type=Path, help="the sbatch file to write; default: runs/slurm/<job>.sbatch")
     parser.add_argument("--submit", action="store_true", help="run sbatch on the written file")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the config (key=value ...)")
@@ -174,6 +181,7 @@ def build_job(args: argparse.Namespace) -> SlurmJob:
             output=args.log,
             rdzv_port=args.rdzv_port,
             exports=exports,
+            sbatch_options=tuple(args.sbatch),
         )
     except ValueError as error:
         raise LaunchError(str(error)) from None

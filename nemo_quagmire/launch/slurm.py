@@ -46,6 +46,8 @@ class SlurmJob:
         output: the job's log file (``%x`` = job name, ``%j`` = job id).
         rdzv_port: the TCP port of the rendezvous on the first node.
         exports: environment variables exported before ``srun`` (e.g. ``NCCL_DEBUG=WARN``).
+        sbatch_options: further ``#SBATCH`` options as ``key=value`` or ``flag`` (``qos=high``,
+            ``constraint=h100``, ``requeue``).
     """
 
     job_name: str
@@ -63,6 +65,7 @@ class SlurmJob:
     output: str = "%x-%j.out"
     rdzv_port: int = DEFAULT_RDZV_PORT
     exports: dict[str, str] = field(default_factory=dict)
+    sbatch_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -76,6 +79,11 @@ class SlurmJob:
             problems.append("container_mounts without container_image: set the image or drop the mounts")
         if not self.job_name or any(c.isspace() for c in self.job_name):
             problems.append(f"job_name={self.job_name!r}: a non-empty name without spaces")
+        problems += [
+            f"sbatch option {option!r}: key=value or a flag, without leading dashes or line breaks"
+            for option in self.sbatch_options
+            if not option or option.startswith("-") or any(c in option for c in "\n\r")
+        ]
         if problems:
             raise ValueError("invalid Slurm job: " + "; ".join(problems))
 
@@ -130,6 +138,7 @@ def render_sbatch(job: SlurmJob, *, generated_by: str = "scripts/launch_slurm.py
         for key, value in (("partition", job.partition), ("account", job.account), ("time", job.time_limit))
         if value
     ]
+    header += [f"#SBATCH --{option}" for option in job.sbatch_options]
     body = ["set -euo pipefail", ""]
     if job.container_image is None:
         body.append(f"cd {shlex.quote(job.workdir)}")

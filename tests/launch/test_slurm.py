@@ -99,6 +99,7 @@ def test_the_script_starts_one_torchrun_per_node_at_the_first_node(
         container_mounts=("/lustre/ckpt:/ckpt",) if container else (),
         rdzv_port=29555,
         exports={"NCCL_DEBUG": "WARN"},
+        sbatch_options=("qos=high", "requeue"),
     )
     script = tmp_path / "job.sbatch"
     script.write_text(render_sbatch(job))
@@ -108,7 +109,9 @@ def test_the_script_starts_one_torchrun_per_node_at_the_first_node(
     )
     assert proc.returncode == 0, proc.stderr
 
-    assert f"#SBATCH --nodes={nodes}" in script.read_text()
+    header = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert f"#SBATCH --nodes={nodes}" in header and "#SBATCH --gpus-per-node=8" in header
+    assert header[-2:] == ["#SBATCH --qos=high", "#SBATCH --requeue"]
     assert argv_file.read_text().splitlines() == [
         "-m",
         "torch.distributed.run",
@@ -139,6 +142,8 @@ def test_bad_jobs_are_refused_naming_the_field():
         SlurmJob("j", nodes=1, gpus_per_node=8, script="s.py", rdzv_port=80)
     with pytest.raises(ValueError, match=r"container_mounts without container_image"):
         SlurmJob("j", nodes=1, gpus_per_node=8, script="s.py", container_mounts=("/a:/b",))
+    with pytest.raises(ValueError, match=r"sbatch option '--qos=high'"):
+        SlurmJob("j", nodes=1, gpus_per_node=8, script="s.py", sbatch_options=("--qos=high",))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,6 +181,7 @@ def launch_slurm():
             r"--container-mounts needs --container-image",
         ),
         (["--config-name=nemo12b", "--export=1BAD"], r"--export '1BAD': expected NAME=VALUE"),
+        (["--config-name=nemo12b", "--sbatch=--qos=high"], r"sbatch option '--qos=high'"),
     ],
 )
 def test_cli_input_errors_exit_2_and_write_nothing(launch_slurm, tmp_path, capsys, args, message):
