@@ -184,7 +184,10 @@ def resolve_model(
     )
     claimed: dict[str, Any] = {}
     if "preset" in explicit and "preset" in section:
-        preset = get_model_preset(section["preset"])
+        try:
+            preset = get_model_preset(section["preset"])
+        except KeyError as error:
+            raise CheckpointSourceError(f"model.preset: {error.args[0]}") from None
         claimed |= {k: v for k, v in preset.model_dump().items() if k not in NON_ARCHITECTURE_FIELDS}
         claimed |= {"num_query_groups": preset.query_groups, "kv_channels": preset.head_dim}
     claimed |= {k: section[k] for k in explicit if k in section and k in ModelConfig.model_fields}
