@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nemo_quagmire.config.model import NON_ARCHITECTURE_FIELDS, ModelConfig, get_model_preset, same_value
+from nemo_quagmire.data.tokenizer import TOKENIZER_FILE as CHAR_TOKENIZER_FILE
+from nemo_quagmire.megatron.checkpoint import META_FILE as CHECKPOINT_META
 from nemo_quagmire.utils.io import atomic_write
 from nemo_quagmire.utils.logging import get_logger
 
@@ -52,11 +54,7 @@ __all__ = [
 logger = get_logger(__name__)
 
 MODEL_DIR = "model"  # <run_dir>/model: config.json, generation_config.json, tokenizer files
-CHECKPOINT_META = (
-    "checkpoint_meta.json"  # megatron.checkpoint.META_FILE (that module needs torch.distributed)
-)
 HF_TOKENIZER_FILE = "tokenizer_config.json"  # present in every HF tokenizer directory, never a char one's
-CHAR_TOKENIZER_FILE = "tokenizer.json"  # data.tokenizer.TOKENIZER_FILE
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -191,7 +189,10 @@ def resolve_model(
     )
     claimed: dict[str, Any] = {}
     if "preset" in explicit and "preset" in section:
-        preset = get_model_preset(section["preset"])
+        try:
+            preset = get_model_preset(section["preset"])
+        except KeyError as error:
+            raise CheckpointSourceError(f"model.preset: {error.args[0]}") from None
         claimed |= {k: v for k, v in preset.model_dump().items() if k not in NON_ARCHITECTURE_FIELDS}
         claimed |= {"num_query_groups": preset.query_groups, "kv_channels": preset.head_dim}
     claimed |= {k: section[k] for k in explicit if k in section and k in ModelConfig.model_fields}

@@ -90,9 +90,11 @@ def test_a_real_mismatch_names_the_field_both_values_and_the_fix(tiny_chat_model
         assert fragment in message
 
 
-def test_an_unknown_model_key_is_still_a_validation_error(tiny_chat_model):
+def test_an_unknown_model_key_or_preset_is_still_an_error(tiny_chat_model):
     with pytest.raises(ValueError, match="model.num_layer"):
         compose_run_config("tiny", _jsonl_run(tiny_chat_model, "+model.num_layer=2"))
+    with pytest.raises(CheckpointSourceError, match="unknown model preset 'llama9'"):
+        compose_run_config("tiny", _jsonl_run(tiny_chat_model, "model.preset=llama9"))
 
 
 def test_bad_sources_name_the_problem(tiny_chat_model, tmp_path):

