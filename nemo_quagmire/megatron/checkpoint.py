@@ -22,6 +22,7 @@ one is reported, moved aside (``.step_N.damaged``) and the previous complete one
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -237,11 +238,12 @@ def save_checkpoint(
 
     try:
         _write_partial(partial, step, model, model_cfg, optimizer, scheduler, client_state)
-    except Exception as err:
+    except BaseException as err:  # torch's CheckpointException derives from BaseException
         # A full disk mid-save: leave nothing partial, name the checkpoint, keep the OSError's errno.
+        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+        cause = None if interrupted else _os_error_in(err) or _full_disk(directory)
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        cause = _os_error_in(err)
         if cause is None:
             raise
         raise OSError(
@@ -308,6 +310,21 @@ def _write_partial(
         }
         with atomic_write(partial / META_FILE) as handle:
             json.dump(meta, handle, indent=2)
+
+
+_FULL_DISK_BYTES = 64 * 2**20
+
+
+def _full_disk(directory: Path) -> OSError | None:
+    """ENOSPC if ``directory``'s file system is (nearly) full: torch's zip writer reports a full disk as a
+    RuntimeError ("unexpected pos") that carries no errno."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return None
+    if free >= _FULL_DISK_BYTES:
+        return None
+    return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free} bytes free", str(directory))
 
 
 def _os_error_in(error: BaseException) -> OSError | None:
