@@ -15,7 +15,8 @@ start=$SECONDS
 python3 -m venv "$venv"
 constraints="$venv/constraints-nemo.txt"
 grep -v '^megatron-core==' constraints.txt >"$constraints"
-"$venv/bin/pip" install -q -c "$constraints" -e ".[nemo]" pytest tokenizers
+# .ci/nemo-constraints.txt pins the whole environment: without it pip spends >10 min backtracking.
+"$venv/bin/pip" install -q -c "$constraints" -c .ci/nemo-constraints.txt -e ".[nemo]" pytest tokenizers
 echo "nemo stage: venv ready in $((SECONDS - start)) s" >&2
 
 set +e

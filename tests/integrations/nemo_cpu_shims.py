@@ -1,30 +1,34 @@
 """CPU-only shims of NeMo 2.7.3 internals, so a real `llm.finetune` runs in CI without a GPU.
 
-They belong to the tests: on a GPU none of them is needed, and the library never installs them. Each shim is
-the narrowest change that lets NeMo's own code path run on the CPU; megatron-core's own CPU fixes come from
-`nemo_quagmire.megatron.compat` (activated here too). What NeMo assumes, where (files under nemo/), and the
-shim:
+They belong to the tests: on a GPU none of them is needed, and the library never installs them. Each is the
+narrowest change that lets NeMo's own code path run on the CPU; megatron-core's own CPU fixes come from
+`nemo_quagmire.megatron.compat` (activated here too). Model settings are not shims: the test's `GPTConfig`
+asks for `use_cpu_initialization=True`, local (non-TE) layers and no fused kernels, as a CPU user would.
+What NeMo assumes, where (files under nemo/ unless said), and the shim:
 
-1. `CUDA_STREAM`: `torch.cuda.Stream()` wraps DDP set-up (lightning/megatron_parallel.py,
-   `MegatronParallel.init_model_parallel`); without CUDA, constructing a stream raises. Shim: that module sees
-   a `torch` whose `cuda.Stream()` is None (and `torch.cuda.stream(None)` is already a no-op context) and
-   whose `cuda.current_device()` is the CPU (`default_data_step` moves batches there).
-2. `PINNED_LOG_SCALARS`: scalars logged during training are staged with `torch.tensor(x, pin_memory=True)
+1. CUDA stream: `torch.cuda.Stream()` wraps DDP set-up (lightning/megatron_parallel.py
+   `MegatronParallel.init_model_parallel`), and `default_data_step` moves batches to
+   `torch.cuda.current_device()`; both raise without CUDA. Shim: that module's `torch.cuda.Stream()` is None
+   (`torch.cuda.stream(None)` is already a no-op context) and its `current_device()` is the CPU.
+2. Pinned log scalars: values logged during training are staged with `torch.tensor(x, pin_memory=True)
    .to("cuda", non_blocking=True)` (lightning/pytorch/strategies/megatron_strategy.py `training_step`,
-   lightning/pytorch/plugins/data_sampler.py `on_megatron_step_end`); pinning needs CUDA. Shim: in those two
-   modules `torch.tensor(..., pin_memory=True)` returns an object whose `.to(...)` gives the CPU tensor.
-3. `DATA_STEP_TO_DEVICE`: `gpt_data_step` (collections/llm/gpt/model/base.py) moves the batch with
-   `tensor.cuda(non_blocking=True)`. Shim: the model config's `data_step_fn` runs `gpt_data_step` with
-   `Tensor.cuda` answering the tensor itself, for the duration of that call only.
-4. `RNG_TRACKER_SEED`: NeMo seeds megatron's model-parallel RNG tracker only when
-   `torch.cuda.device_count() > 0` (lightning/megatron_init.py `_set_random_seed`), and megatron's layers
-   fork that tracker when they initialise weights. Shim: after NeMo's seeding, seed the tracker (CPU states,
-   via compat) with NeMo's seed.
-5. `EMPTY_CACHE`: `torch.cuda.empty_cache()` at teardown is a no-op on CPU already; nothing to do (listed
-   because the notes counted it).
+   lightning/pytorch/plugins/data_sampler.py `on_megatron_step_end`); pinning needs CUDA. Shim: in those
+   modules `torch.tensor(..., pin_memory=True)` returns an object whose `.to(...)` is the CPU tensor.
+3. Batch to device: `gpt_data_step` (collections/llm/gpt/model/base.py) moves the batch with
+   `tensor.cuda(non_blocking=True)`. Shim (`cpu_data_step`): the model config's `data_step_fn` runs it with
+   `Tensor.cuda` returning the tensor itself, for the duration of that call only.
+4. RNG tracker seed: NeMo seeds megatron's model-parallel RNG tracker only when
+   `torch.cuda.device_count() > 0` (lightning/megatron_init.py `_set_random_seed`), and megatron's
+   attention forks that tracker. Shim: after NeMo's seeding, seed the tracker (CPU states, via compat).
+5. Samples-mapping check: the fine-tuning dataset all-reduces `torch.cuda.LongTensor([1])`
+   (collections/llm/gpt/data/utils.py `_get_samples_mapping`). Shim: that module's `torch.cuda.LongTensor`
+   is the CPU `torch.LongTensor`.
+6. Timers: NeMo's progress printer logs megatron's timers, which gather them on
+   `torch.cuda.current_device()` (megatron/core/timers.py `_get_elapsed_time_all_ranks`). Shim: that
+   module's `current_device()` is the CPU.
 
-MockDataModule passes `create_attention_mask` into the dataset's `seed` (collections/llm/gpt/data/mock.py):
-not patched; the test does not use MockDataModule (it trains on the synthetic task's SFT examples).
+Shims 1, 2, 5 and 6 are one stand-in `torch` module (`_CpuTorch`) set as the `torch` global of exactly the
+modules named above, for the duration of `nemo_on_cpu()`.
 """
 
 from __future__ import annotations
@@ -37,8 +41,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-
-SHIMS = ("CUDA_STREAM", "PINNED_LOG_SCALARS", "DATA_STEP_TO_DEVICE", "RNG_TRACKER_SEED")
 
 
 class _Staged:
@@ -102,7 +104,7 @@ def cpu_data_step(data_step: Any) -> Any:
 
 @contextlib.contextmanager
 def nemo_on_cpu() -> Iterator[None]:
-    """Shims 1, 2 and 4 (and megatron-core's CPU compat layer) for the duration of the block."""
+    """Shims 1, 2, 4, 5 and 6 (and megatron-core's CPU compat layer) for the duration of the block."""
     from nemo_quagmire.megatron import compat
 
     compat.activate()

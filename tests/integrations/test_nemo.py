@@ -79,7 +79,7 @@ def _config():
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
     )
-    config.data_step_fn = cpu_data_step(config.data_step_fn)  # shim DATA_STEP_TO_DEVICE
+    config.data_step_fn = cpu_data_step(config.data_step_fn)  # shim 3 of nemo_cpu_shims
     return config
 
 
