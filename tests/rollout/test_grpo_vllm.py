@@ -214,7 +214,7 @@ def test_the_engine_stops_at_the_tokenizers_eos(run: Run):
     (2 for Llama) and would stop at whatever token has that id."""
     exported = json.loads((Path(run.cfg.run_dir) / "rollout_weights" / "config.json").read_text())
     assert exported["eos_token_id"] == run.trainer.tokenizer.eos_id
-    assert run.trainer.engine.eos_token_ids == {run.trainer.tokenizer.eos_id}
+    assert run.trainer.engine.local.eos_token_ids == {run.trainer.tokenizer.eos_id}
 
 
 def test_the_trainers_process_group_outlives_the_engine(run: Run):
