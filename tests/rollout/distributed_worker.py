@@ -1,5 +1,5 @@
 """Worker of test_distributed_engine.py, run on 2 gloo ranks by torchrun (tests/megatron/launch.py):
-DistributedRolloutEngine with fake-engine servers (tests/rollout/fake_engine.py) at TP=2, then at DP=2.
+DistributedRolloutEngine with fake-engine servers (tests/rollout/fake_engine.py) at TP=2, DP=2, then PP=2.
 
 Usage: distributed_worker.py OUT_JSON. Rank 0 writes every rank's observations.
 """
@@ -116,6 +116,24 @@ def main(out: str) -> None:
         mine["dp_rows"] = _rows(
             engine.generate(own, 2, sampling.model_copy(update={"seed": 7 + mine["rank"]}))
         )
+    finally:
+        engine.close()
+
+    # --- PP=2: one replica, its stages on two ranks; the engine (rank 0) needs the layers of both
+    destroy_parallel(destroy_process_group=False)
+    cfg = cfg.replace(num_layers=2)
+    initialize_parallel(cfg, ParallelConfig(pipeline_model_parallel_size=2), seed=5)
+    model = build_model(cfg, ParallelConfig(pipeline_model_parallel_size=2))
+    export_hf(model, Path(run_dir) / "hf_pp", cfg)
+    place, places = gather_rank_places(data_parallel_rank_and_size()[0])
+    engine = _start(places, place, Path(run_dir) / "hf_pp", run_dir)
+    try:
+        with torch.no_grad():
+            for param in model[0].parameters():
+                param.mul_(1.5)
+        engine.update_weights(iter_hf_weights(model, cfg))
+        mine["pp_pushed_token"] = weights_token(weights_checksum(iter_hf_weights(model, cfg)), cfg.vocab_size)
+        mine["pp_after_push"] = _rows(engine.generate(PROMPTS, 1, sampling))
     finally:
         engine.close()
 

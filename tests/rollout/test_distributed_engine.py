@@ -1,6 +1,6 @@
 """DistributedRolloutEngine on 2 real gloo processes, with fake-engine servers (base venv; the vLLM version of
 the whole GRPO run is test_grpo_vllm_multirank.py). One torchrun launch (distributed_worker.py) at TP=2 (one
-replica: 1 engine, then 2) and at DP=2 (2 replicas, an engine each).
+replica: 1 engine, then 2), at DP=2 (2 replicas, an engine each) and at PP=2 (weights from both stages).
 
 Expected rows are computed here from the fake engine's rule (completion of prompt i, group member m:
 ``expected_completion((seed + i) * 1000 + m, checksum, ...)``), so seeds or weights that go astray show up.
@@ -55,6 +55,13 @@ def test_pushed_tp_sharded_weights_reach_every_engine(ranks):
             # the first completion token of every row encodes the checksum of the weights the engine holds
             assert {c[0] for c in _completions(rank[f"after_push_{num_engines}"])} == {token}
     assert ranks[0]["pushed_token_1"] != ranks[0]["pushed_token_2"]  # the second push changed the weights
+
+
+def test_pushed_pp_staged_weights_reach_the_engine(ranks):
+    """PP=2: rank 0 owns the engine and holds only the first stage; iter_hf_weights broadcasts the rest."""
+    for rank in ranks:
+        assert {c[0] for c in _completions(rank["pp_after_push"])} == {rank["pp_pushed_token"]}
+    assert ranks[0]["pp_pushed_token"] == ranks[1]["pp_pushed_token"]
 
 
 def test_failures_reach_every_rank_of_the_replica(ranks):
