@@ -152,6 +152,8 @@ class VLLMServerEngine:
         devices: GPU indices (into this process's visible devices) the server may use; None = inherit.
         log_file: where the server's stdout and stderr go (appended); None = a new temporary file.
         startup_timeout: seconds the server may take to import vLLM and build the engine.
+        wait: wait here until the server is ready; False returns at once, so that several servers start
+            side by side (e.g. one per GPU of an evaluation node): see :meth:`wait_until_ready`.
         engine_class: ``module:Class`` the server builds (tests host a fake engine through it).
         **vllm_engine_kwargs: arguments of ``VLLMRolloutEngine`` (``tensor_parallel_size``, ``dtype``,
             ``seed``, ``colocated``, ``in_process``, vLLM engine arguments, ...); picklable values.
@@ -171,6 +173,7 @@ class VLLMServerEngine:
         devices: Sequence[int] | None = None,
         log_file: str | os.PathLike | None = None,
         startup_timeout: float = 1200.0,
+        wait: bool = True,
         engine_class: str = DEFAULT_ENGINE_CLASS,
         **vllm_engine_kwargs: Any,
     ) -> None:
@@ -216,14 +219,34 @@ class VLLMServerEngine:
         self._conn: Connection | None = Connection(ours.detach())
         self._ready = False  # until then the server reads no close request: close() kills it
         self._finalizer = weakref.finalize(self, _reap, self._process, self._conn, self._import_dir)
+        self._startup_timeout = startup_timeout
+        self._started = started
         try:
             _send(self._conn, ("start", engine_class, str(self.hf_dir), vllm_engine_kwargs))
-            info = self._reply("start-up", timeout=startup_timeout)
+        except BaseException:
+            self.close()
+            raise
+        if wait:
+            self.wait_until_ready()
+
+    def wait_until_ready(self) -> None:
+        """Finish the start-up (the constructor does, unless ``wait=False``; any request does too). Then
+        ``pid``, ``dtype``, ``eos_token_ids`` and ``startup_seconds`` are set.
+
+        Raises:
+            As the constructor; the server is then closed.
+        """
+        if self._ready:
+            return
+        if self._conn is None:
+            raise RuntimeError("this VLLMServerEngine is closed; build a new one")
+        try:
+            info = self._reply("start-up", deadline=self._started + self._startup_timeout)
         except BaseException:
             self.close()
             raise
         self._ready = True
-        self.startup_seconds = time.monotonic() - started
+        self.startup_seconds = time.monotonic() - self._started
         self.pid: int = info["pid"]
         self.dtype: torch.dtype = getattr(torch, info["dtype"].removeprefix("torch."))
         self.eos_token_ids = frozenset(info["eos_token_ids"])
@@ -300,24 +323,26 @@ class VLLMServerEngine:
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self._conn is None:
             raise RuntimeError("this VLLMServerEngine is closed; build a new one")
+        self.wait_until_ready()
+        assert self._conn is not None
         try:
             _send(self._conn, (method, args, kwargs))
         except OSError as error:
             raise self._died(f"{method} request ({error})") from error
         return self._reply(method)
 
-    def _reply(self, what: str, timeout: float | None = None) -> Any:
-        """The server's answer to the last message; raises its error, or if it died or timed out."""
+    def _reply(self, what: str, deadline: float | None = None) -> Any:
+        """The server's answer to the last message; raises its error, or if it died or missed ``deadline``
+        (``time.monotonic()``; only the start-up has one)."""
         assert self._conn is not None
-        deadline = None if timeout is None else time.monotonic() + timeout
         while not self._conn.poll(_POLL_SECONDS):
             if self._process.poll() is not None:
                 raise self._died(what)
             if deadline is not None and time.monotonic() > deadline:
                 raise EngineServerError(
                     f"the vLLM server (pid {self._process.pid}) did not finish its {what} within "
-                    f"{timeout:.0f} s (raise the start-up timeout if vLLM is just slow here); last lines of "
-                    f"{self.log_file}:\n{_log_tail(self.log_file)}"
+                    f"{self._startup_timeout:.0f} s (raise the start-up timeout if vLLM is just slow here); "
+                    f"last lines of {self.log_file}:\n{_log_tail(self.log_file)}"
                 )
         try:
             kind, payload = _recv(self._conn)

@@ -135,6 +135,24 @@ def test_pushed_weights_reach_the_engine_and_bad_streams_do_not(server: VLLMServ
     ]
 
 
+def test_servers_can_start_side_by_side(models, tmp_path: Path):
+    """wait=False returns before the server is ready (several start at once); requests wait for it."""
+    engines = [
+        VLLMServerEngine(
+            models["old"][0], log_file=tmp_path / f"{i}.log", engine_class=FAKE_ENGINE, wait=False
+        )
+        for i in range(2)
+    ]
+    try:
+        assert not hasattr(engines[0], "pid")  # nothing known before the handshake
+        batch = engines[0].generate([[4]], 1, SamplingParams(max_new_tokens=2, seed=0))
+        engines[1].wait_until_ready()
+        assert engines[0].pid != engines[1].pid and batch.tokens.shape == (1, 3)
+    finally:
+        for engine in engines:
+            engine.close()
+
+
 def test_engine_errors_come_back_as_their_type(server: VLLMServerEngine, tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"no safetensors in .*raised in the vLLM server; log: "):
         server.load_checkpoint(tmp_path)
