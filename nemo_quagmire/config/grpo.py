@@ -142,8 +142,18 @@ class VLLMConfig(_Config):
     enforce_eager: bool = False
     in_process: bool = Field(
         default=False,
-        description="Run vLLM's engine core and worker in the trainer's process (weights pushed in memory, "
-        "seconds to start on CPU): for CPU/CI and single-rank runs; multi-rank trainers keep the default.",
+        description="Run vLLM's engine core inside the vLLM server process (with tensor_parallel_size=1 its "
+        "worker too: no further processes, seconds to start on CPU); for CPU/CI.",
+    )
+    num_engines: PositiveInt | None = Field(
+        default=None,
+        description="Engines in the run, a multiple of the data-parallel size (engines never serve two "
+        "replicas). None = one per replica (separate GPUs) or every GPU busy (colocated).",
+    )
+    python: str | None = Field(
+        default=None,
+        description="Python that runs the vLLM server process (e.g. /opt/vllm/bin/python in docker/); None = "
+        "$NEMO_QUAGMIRE_VLLM_PYTHON, else the trainer's own.",
     )
 
 
@@ -237,6 +247,13 @@ class GRPORunConfig(_Config):
             raise ValueError(
                 "grpo.packing=packed makes micro-batches of different shapes, which pipeline stages cannot "
                 "exchange; set grpo.packing=none or parallel.pipeline_model_parallel_size=1"
+            )
+        if self.rollout.engine == "megatron" and self.parallel.pipeline_model_parallel_size > 1:
+            raise ValueError(
+                "rollout.engine=megatron generates on the policy in-process, which needs "
+                "parallel.pipeline_model_parallel_size=1 (got "
+                f"{self.parallel.pipeline_model_parallel_size}); set rollout.engine=vllm (the policy's "
+                "weights are pushed to vLLM after every update) or parallel.pipeline_model_parallel_size=1"
             )
         if self.validation.heldout_source_missing(synthetic_task=self.data.task == "synthetic"):
             raise ValueError(HELDOUT_MISSING)

@@ -71,8 +71,40 @@ def plan_grpo_run(cfg: GRPORunConfig) -> tuple[str, bool]:
         f"(TP {layout.tp} x PP {layout.pp} x CP {layout.cp} x DP {layout.dp}), "
         f"{cfg.grpo.prompts_per_step} prompts x {cfg.grpo.group_size} samples per step"
     )
+    if cfg.rollout.engine == "vllm":
+        header += "\n" + _engine_line(cfg, layout.world_size)
     if cfg.parallel.data_parallel_size is None:
         header += (
             "\n(parallel.data_parallel_size is unset: planned for 1 replica; set it to plan the real job)"
         )
     return f"{header}\n{format_plan(plan)}", plan.fits()
+
+
+def _engine_line(cfg: GRPORunConfig, world_size: int) -> str:
+    """Where the vLLM engines go (``rollout.distributed.plan_engines``; raises on a layout that cannot work).
+    Separate engines get their GPUs at launch, from those the trainer ranks leave free on each node."""
+    from nemo_quagmire.rollout.distributed import megatron_rank_places, plan_engines
+
+    par, vllm = cfg.parallel, cfg.rollout.vllm
+    places = megatron_rank_places(
+        world_size,
+        par.tensor_model_parallel_size,
+        par.pipeline_model_parallel_size,
+        par.context_parallel_size,
+        ranks_per_node=min(world_size, cfg.gpus_per_node),
+    )
+    slots = plan_engines(
+        places,
+        engine_tp=vllm.tensor_parallel_size,
+        colocated=vllm.colocated,
+        num_engines=vllm.num_engines,
+        gpus_per_node=cfg.gpus_per_node if vllm.colocated else None,
+    )
+    where = (
+        "colocated, asleep while the trainer trains" if vllm.colocated else "on GPUs the trainer leaves free"
+    )
+    owners = ", ".join(str(slot.owner) for slot in slots[:8]) + (", ..." if len(slots) > 8 else "")
+    return (
+        f"vLLM rollout engines: {len(slots)} ({slots[0].parts} per model replica, TP "
+        f"{vllm.tensor_parallel_size} each, {where}), owned by ranks {owners}"
+    )

