@@ -23,6 +23,7 @@ SCRIPT = REPO / "scripts" / "evaluate.py"
 
 _spec = importlib.util.spec_from_file_location("evaluate", SCRIPT)
 evaluate = importlib.util.module_from_spec(_spec)
+sys.modules["evaluate"] = evaluate  # its dataclasses look their module up
 _spec.loader.exec_module(evaluate)
 
 MODEL = get_model_preset("tiny").replace(vocab_size=28, max_position_embeddings=128, num_layers=2)
