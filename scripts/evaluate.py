@@ -265,14 +265,6 @@ def engine_arguments(args: argparse.Namespace) -> dict[str, Any]:
         if used:
             raise InputError(f"{', '.join(used)} apply to vLLM engines only; add --engine vllm or drop them")
         return {}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise InputError(
-            "--engine vllm runs in one process that drives --engines vLLM servers; start it without torchrun"
-        )
-    if importlib.util.find_spec("nemo_quagmire.rollout.vllm_server") is None:
-        raise InputError("--engine vllm needs nemo_quagmire.rollout.vllm_server, missing from this install")
-    if args.vllm_python is not None and not os.access(args.vllm_python, os.X_OK):
-        raise InputError(f"--vllm-python {args.vllm_python}: not an executable; give the venv's bin/python")
     kwargs: dict[str, Any] = {}
     for item in args.vllm_arg:
         key, sep, text = item.partition("=")
@@ -284,6 +276,14 @@ def engine_arguments(args: argparse.Namespace) -> dict[str, Any]:
             kwargs[key] = json.loads(text)
         except json.JSONDecodeError:
             kwargs[key] = text
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError(
+            "--engine vllm runs in one process that drives --engines vLLM servers; start it without torchrun"
+        )
+    if importlib.util.find_spec("nemo_quagmire.rollout.vllm_server") is None:
+        raise InputError("--engine vllm needs nemo_quagmire.rollout.vllm_server, missing from this install")
+    if args.vllm_python is not None and not os.access(args.vllm_python, os.X_OK):
+        raise InputError(f"--vllm-python {args.vllm_python}: not an executable; give the venv's bin/python")
     import torch
 
     wanted = args.engines * args.tensor_parallel_size

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,7 @@ def test_a_checkpoint_is_evaluated_and_its_samples_regraded(checkpoint, tmp_path
     assert metrics["val/heldout_loss/token_mean"] == pytest.approx(expected_loss, rel=1e-6)
     assert "val/synthetic_arith/pass@4" in metrics and "val/macro/maj@2" in metrics
     assert "val/heldout_loss/token_mean" in result.stdout  # the summary
+    assert "synthetic_arith: 12/12 samples (100%)" in result.stderr  # progress (stderr is not a terminal)
     records = read_samples(out / "samples.parquet")
     assert len(records) == 3 * 4 and {r.sample_index for r in records} == {0, 1, 2, 3}
 
@@ -120,3 +122,120 @@ def test_hf_directories_and_checkpoints_give_the_same_model_and_tokenizer(checkp
     assert evaluate.load_tokenizer(args, hf_dir) == CharTokenizer()  # --tokenizer wins over the HF dir
     args = evaluate.parse_args(["--checkpoint", str(path), "--out", "x"])
     assert evaluate.load_tokenizer(args, path) == CharTokenizer()  # found in <run_dir>/tokenizer.json
+
+
+# Runs evaluate.main in a fresh process; with a shard count k > 0 the process is killed (os._exit, no
+# cleanup at all) right after its k-th shard is on disk.
+_DRIVER = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+from nemo_quagmire.eval.shards import ShardStore
+argv, kill_after = json.loads(sys.argv[1]), int(sys.argv[2])
+if kill_after:
+    write, written = ShardStore.write, []
+    def write_then_die(self, key, records):
+        write(self, key, records)
+        written.append(key)
+        if len(written) == kill_after:
+            os._exit(137)
+    ShardStore.write = write_then_die
+import importlib.util
+spec = importlib.util.spec_from_file_location("evaluate", {script!r})
+evaluate = importlib.util.module_from_spec(spec)
+sys.modules["evaluate"] = evaluate
+spec.loader.exec_module(evaluate)
+sys.exit(evaluate.main(argv))
+"""
+
+
+def _run(argv: list[str], kill_after: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    code = _DRIVER.format(repo=str(REPO), script=str(SCRIPT))
+    return subprocess.run(
+        [sys.executable, "-c", code, json.dumps(argv), str(kill_after)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _files(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
+
+
+def test_a_killed_evaluation_continues_from_its_shards_and_equals_an_uninterrupted_one(
+    checkpoint, tmp_path, capsys
+):
+    path, _ = checkpoint
+    # 6 problems x 4 samples; 2 problems per generation call, 2 per shard: 3 shards of one call each.
+    args = ["--checkpoint", str(path), "--benchmarks", "synthetic", "--n", "4", "--num-problems", "6"]
+    args += ["--max-new-tokens", "16", "--rows-per-batch", "8", "--shard-size", "2", "--grader-workers", "1"]
+    whole = _run([*args, "--out", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert re.search(
+        r"synthetic_arith: 24/24 samples \(100%\), [\d.]+ samples/s, \d+ tok/s, ETA", whole.stderr
+    )
+
+    out = tmp_path / "resumed"
+    killed = _run([*args, "--out", str(out)], kill_after=2)
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    assert len(list((out / "shards").rglob("shard-*.parquet"))) == 2 and not (out / "metrics.json").exists()
+    resumed = _run([*args, "--out", str(out)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed 2 finished shard(s)" in resumed.stderr
+    assert "synthetic_arith: 24/24 samples (100%)" in resumed.stderr  # 16 of them were there before
+    assert read_samples(out / "samples.parquet") == read_samples(tmp_path / "whole" / "samples.parquet")
+    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())["metrics"]
+    got = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert {k: v for k, v in got.items() if not k.startswith("timing/")} == {
+        k: v for k, v in expected.items() if not k.startswith("timing/")
+    }
+
+    # Other sample-deciding arguments are refused, naming them, and nothing is written.
+    before = _files(out)
+    assert evaluate.main([*args, "--out", str(out), "--seed", "1", "--temperature", "0.5"]) == 2
+    error = capsys.readouterr().err
+    assert "holds a resumable evaluation with other arguments" in error and "seed: stored 0, now 1" in error
+    assert "'temperature': 1.0" in error and "'temperature': 0.5" in error
+    assert before == _files(out)
+
+
+def test_argument_errors_exit_2_and_write_nothing(checkpoint, tmp_path, capsys, monkeypatch):
+    path, _ = checkpoint
+    out = tmp_path / "out"
+    base = ["--checkpoint", str(path), "--benchmarks", "synthetic", "--n", "4", "--out", str(out)]
+    sweep = ["--benchmarks", "synthetic", "--n", "4", "--out", str(out)]
+    cases = [
+        ([*base, "--engines", "0"], "--engines 0 --tensor-parallel-size 1: both must be >= 1"),
+        ([*base, "--engines", "2"], "--engines apply to vLLM engines only; add --engine vllm"),
+        ([*base, "--engine", "vllm", "--vllm-arg", "dtype"], "--vllm-arg 'dtype': expected KEY=VALUE"),
+        ([*base, "--engine", "vllm", "--vllm-arg", "seed=3"], "--vllm-arg seed: set by evaluate.py itself"),
+        ([*base, "--shard-size", "0"], "--shard-size 0: problems per shard must be >= 1"),
+        (["--checkpoints", str(tmp_path / "nope-*"), *sweep], "matches no directory"),
+        (["--checkpoints", str(path), str(path), *sweep], "named more than once"),
+    ]
+    for argv, message in cases:
+        assert evaluate.main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert evaluate.main([*base, "--engine", "vllm"]) == 2
+    assert "start it without torchrun" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sweep_run_ids_name_each_checkpoint_once(tmp_path):
+    paths = [
+        tmp_path / "sft-a" / "checkpoints" / "step_00000100",
+        tmp_path / "sft-a" / "checkpoints" / "step_00000200",
+        tmp_path / "x" / "sft-b" / "checkpoints" / "step_00000100",
+        tmp_path / "y" / "sft-b" / "checkpoints" / "step_00000100",
+        tmp_path / "hf" / "qwen-sft",
+    ]
+    assert evaluate.run_ids(paths) == [
+        "sft-a/step_00000100",
+        "sft-a/step_00000200",
+        "x/sft-b/step_00000100",
+        "y/sft-b/step_00000100",
+        "qwen-sft",
+    ]
