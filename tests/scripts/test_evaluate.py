@@ -239,3 +239,117 @@ def test_sweep_run_ids_name_each_checkpoint_once(tmp_path):
         "y/sft-b/step_00000100",
         "qwen-sft",
     ]
+
+
+# A stand-in for nemo_quagmire.rollout.vllm_server (the real engines run in the vLLM stage): engines that
+# log what is done to them and generate the scripted completions of tests/callbacks/scripted.py.
+_FAKE_SERVER = """
+import importlib.machinery, json, os, sys, threading, types
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from tests.callbacks.scripted import scripted_generate
+EVENTS = Path(os.environ["FAKE_ENGINE_EVENTS"])
+lock = threading.Lock()
+
+def log(**event):
+    with lock, open(EVENTS, "a") as f:
+        f.write(json.dumps(event) + "\\n")
+
+class VLLMServerEngine:
+    def __init__(self, hf_dir, *, python=None, devices=None, log_file=None, **kwargs):
+        assert (Path(hf_dir) / "config.json").is_file() and list(Path(hf_dir).glob("*.safetensors"))
+        self.index = devices[0]
+        log(event="start", engine=self.index, hf_dir=str(hf_dir), devices=devices, log_file=str(log_file),
+            kwargs=kwargs)
+    def generate(self, prompts, group_size, sampling):
+        log(event="generate", engine=self.index, thread=threading.current_thread().name)
+        return scripted_generate(prompts, group_size, sampling)
+    def load_checkpoint(self, hf_dir):
+        log(event="load_checkpoint", engine=self.index, hf_dir=str(hf_dir))
+    def close(self):
+        log(event="close", engine=self.index)
+
+module = types.ModuleType("nemo_quagmire.rollout.vllm_server")
+module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
+module.VLLMServerEngine = VLLMServerEngine
+sys.modules[module.__name__] = module
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, megatron_world1) -> list[Path]:
+    """Two checkpoints (steps 5 and 7, different weights) of one run holding its tokenizer."""
+    from nemo_quagmire.megatron.checkpoint import save_checkpoint
+    from nemo_quagmire.megatron.model import build_model
+    from nemo_quagmire.megatron.parallel import ParallelConfig, set_random_seed
+
+    run_dir = tmp_path_factory.mktemp("sweep") / "sft-a"
+    CharTokenizer().save(run_dir)
+    paths = []
+    for step in (5, 7):
+        set_random_seed(step)
+        paths.append(
+            save_checkpoint(
+                run_dir / "checkpoints", step, build_model(MODEL, ParallelConfig()), model_cfg=MODEL
+            )
+        )
+    return paths
+
+
+def test_a_sweep_on_vllm_engines_shares_them_and_writes_the_predictor_table(sweep, tmp_path):
+    from nemo_quagmire.predict.table import read_table
+
+    out = tmp_path / "out"
+    argv = ["--checkpoints", str(sweep[0].parent / "step_*"), "--engine", "vllm", "--engines", "2"]
+    argv += ["--vllm-arg", "dtype=float32", "--benchmarks", "synthetic", "--n", "4", "--num-problems", "6"]
+    argv += ["--rows-per-batch", "4", "--max-new-tokens", "16", "--heldout", "synthetic"]
+    argv += ["--synthetic-heldout", "8", "--grader-workers", "1", "--out", str(out)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "FAKE_ENGINE_EVENTS": str(tmp_path / "ev"),
+    }
+    code = _FAKE_SERVER.format(repo=str(REPO)) + _DRIVER.format(repo=str(REPO), script=str(SCRIPT))
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(argv), "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    ids = ["sft-a/step_00000005", "sft-a/step_00000007"]
+    events = [json.loads(line) for line in (tmp_path / "ev").read_text().splitlines()]
+    starts = [e for e in events if e["event"] == "start"]
+    assert [(e["engine"], e["devices"], e["hf_dir"]) for e in sorted(starts, key=lambda e: e["engine"])] == [
+        (i, [i], str(out / ids[0] / "hf"))
+        for i in range(2)  # engine i on device i, the export of step 5
+    ]
+    assert starts[0]["log_file"] == str(out / "logs" / "vllm-engine-0.log")
+    assert starts[0]["kwargs"] == {"dtype": "float32", "tensor_parallel_size": 1, "seed": 0}
+    loads = sorted((e["engine"], e["hf_dir"]) for e in events if e["event"] == "load_checkpoint")
+    assert loads == [(i, str(out / ids[1] / "hf")) for i in range(2)]  # step 7 loaded into both engines
+    assert sorted(e["engine"] for e in events if e["event"] == "close") == [0, 1]
+    generating = [e for e in events if e["event"] == "generate"]
+    assert len(generating) == 2 * 6 and {e["engine"] for e in generating} == {0, 1}  # 1 problem per call
+    assert len({e["thread"] for e in generating}) == 2  # each engine's calls from a thread of its own
+
+    table = read_table(out / "table.csv", target="post_rl_pass@1")  # as scripts/predict_report.py reads it
+    assert (
+        table.ids == tuple(ids) and not table.labelled.any()
+    )  # every checkpoint a candidate until filled in
+    assert list(table.columns) == [
+        *(f"maj@{k}" for k in (1, 2, 4)),
+        *(f"pass@{k}" for k in (1, 2, 4)),
+        "heldout_loss",
+        "heldout_loss_seq",
+    ]
+    for row, run_id in enumerate(ids):
+        metrics = json.loads((out / run_id / "metrics.json").read_text())["metrics"]
+        assert table.columns["pass@4"][row] == metrics["val/macro/pass@4"]
+        assert table.columns["maj@2"][row] == metrics["val/macro/maj@2"]
+        assert table.columns["heldout_loss"][row] == metrics["val/heldout_loss/token_mean"]
+    assert table.columns["heldout_loss"][0] != table.columns["heldout_loss"][1]  # each its own weights
+    assert result.stdout == (out / "table.csv").read_text()
