@@ -273,17 +273,25 @@ class VLLMRolloutEngine:
         return False
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], group_size: int, sampling: SamplingParams
+        self,
+        prompts: Sequence[Sequence[int]],
+        group_size: int,
+        sampling: SamplingParams,
+        *,
+        prompt_seeds: Sequence[int] | None = None,
     ) -> RolloutBatch:
         """``group_size`` completions of every prompt (rows grouped by prompt), with vLLM's log-probs of the
         sampled tokens. With ``sampling.seed`` set, prompt ``i`` is sampled with seed ``seed + i``, so equal
-        prompts in one call still get different completions. At temperature 0 one greedy completion is
-        decoded per prompt and repeated ``group_size`` times (vLLM refuses n > 1 when greedy)."""
+        prompts in one call still get different completions; ``prompt_seeds`` gives each prompt its seed
+        instead (how requests of several trainer ranks share one call, see ``rollout.distributed``). At
+        temperature 0 one greedy completion is decoded per prompt and repeated ``group_size`` times (vLLM
+        refuses n > 1 when greedy)."""
         llm = self._open_llm()
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         if not prompts:
             raise ValueError("generate got no prompts")
+        seeds = _prompt_seeds(len(prompts), sampling.seed, prompt_seeds)
         empty = [i for i, prompt in enumerate(prompts) if len(prompt) == 0]
         if empty:
             raise ValueError(f"prompts {empty[:5]} are empty; every prompt needs at least one token")
@@ -306,7 +314,7 @@ class VLLMRolloutEngine:
                 max_tokens=sampling.max_new_tokens,
                 stop_token_ids=stop,
                 logprobs=0,  # the sampled token's log-prob only
-                seed=None if sampling.seed is None else sampling.seed + i,
+                seed=seeds[i],
                 detokenize=False,
             )
             for i in range(len(prompts))
@@ -390,6 +398,15 @@ class VLLMRolloutEngine:
                 "vLLM could not reset its prefix cache after the weight update (requests still running?); "
                 "its cached KV blocks were computed with the old weights"
             )
+
+
+def _prompt_seeds(count: int, seed: int | None, prompt_seeds: Sequence[int] | None) -> list[int | None]:
+    """Each prompt's seed: ``prompt_seeds`` if given, else ``seed + i``, else None (vLLM's own stream)."""
+    if prompt_seeds is None:
+        return [None if seed is None else seed + i for i in range(count)]
+    if len(prompt_seeds) != count:
+        raise ValueError(f"prompt_seeds has {len(prompt_seeds)} seeds for {count} prompts; give one each")
+    return [int(s) for s in prompt_seeds]
 
 
 def _to_batch(

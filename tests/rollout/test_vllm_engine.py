@@ -308,3 +308,40 @@ def test_colocation_without_sleep_mode_is_refused(models: dict):
         pytest.skip(f"{current_platform.device_name} has sleep mode; this checks the refusal elsewhere")
     with pytest.raises(ValueError, match=r"colocated=True needs vLLM's sleep mode.*colocated=False"):
         VLLMRolloutEngine(models["old"][0], colocated=True)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@needs_vllm
+def test_server_engine_runs_vllm_in_its_own_process(models: dict, prompts: list[list[int]], tmp_path: Path):
+    """VLLMServerEngine: the same engine behind a process boundary (how the trainer runs it); log-probs match
+    the reference before and after a weight push, and the server's log names vLLM."""
+    from safetensors.torch import load_file
+
+    from nemo_quagmire.rollout.vllm_server import VLLMServerEngine
+
+    engine = VLLMServerEngine(
+        models["old"][0],
+        log_file=tmp_path / "server.log",
+        dtype="float32",
+        enforce_eager=True,
+        in_process=True,  # inside the server: vLLM's worker in the server process, no further processes
+        kv_cache_memory_bytes=64 * 2**20,
+        block_size=32,
+    )
+    try:
+        assert engine.dtype == torch.float32 and engine.eos_token_ids == {2}
+        sampling = SamplingParams(temperature=0.8, max_new_tokens=16, seed=2)
+        batch = engine.generate(prompts, 2, sampling)
+        assert _max_diff(batch.logprobs, _reference_logprobs(models["old"][1], batch, 0.8)) < TOL
+        engine.update_weights(load_file(models["new"][0] / "model.safetensors").items())
+        batch = engine.generate(prompts, 2, sampling)
+        assert _max_diff(batch.logprobs, _reference_logprobs(models["new"][1], batch, 0.8)) < TOL
+        seeds = [7, 8, 9]
+        assert torch.equal(
+            engine.generate(prompts, 2, sampling, prompt_seeds=seeds).tokens,
+            engine.generate(prompts, 2, sampling.model_copy(update={"seed": 7})).tokens,
+        )
+    finally:
+        engine.close()
+    assert "vLLM engine closed" in (tmp_path / "server.log").read_text()
