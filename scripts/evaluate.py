@@ -557,45 +557,52 @@ def make_vllm_engine(hf_dir: Path, *, index: int, args: argparse.Namespace, engi
 
 class VLLMEngines:
     """--engines vLLM engines, started together and kept for the whole sweep: the next checkpoint's weights
-    are loaded into them while its architecture is the one they were built for, else they are rebuilt."""
+    are loaded into them while its architecture is the one they were built for, else they are rebuilt.
+
+    Engines are started (and closed) from threads that live as long as the engines: a server process is
+    killed by the kernel when the thread that started it ends (Linux parent-death signal, see
+    `nemo_quagmire.rollout.vllm_server`).
+    """
 
     def __init__(self, args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> None:
         self.args = args
         self.engine_kwargs = engine_kwargs
         self.engines: list[Any] = []
         self.model_cfg: Any = None
+        self._threads = ThreadPoolExecutor(args.engines, thread_name_prefix="vllm-engine")
 
     def serve(self, hf_dir: Path) -> list[Any]:
         """The engines' generate functions, serving the weights of `hf_dir`."""
         from nemo_quagmire.megatron.hf import model_config_from_hf
 
         model_cfg = model_config_from_hf(hf_dir)
-        with ThreadPoolExecutor(self.args.engines, thread_name_prefix="vllm-start") as pool:
-            if self.engines and not model_cfg.architecture_mismatches(self.model_cfg):
-                list(pool.map(lambda engine: engine.load_checkpoint(hf_dir), self.engines))
-                logger.info("loaded %s into the %d running engine(s)", hf_dir, len(self.engines))
-            else:
-                self.close()
-                futures = [
-                    pool.submit(
-                        make_vllm_engine, hf_dir, index=i, args=self.args, engine_kwargs=self.engine_kwargs
-                    )
-                    for i in range(self.args.engines)
-                ]
-                wait(futures)
-                self.engines = [f.result() for f in futures if f.exception() is None]
-                for future in futures:
-                    if future.exception() is not None:
-                        self.close()
-                        raise future.exception()
-                logger.info("started %d vLLM engine(s) on %s", len(self.engines), hf_dir)
+        if self.engines and not model_cfg.architecture_mismatches(self.model_cfg):
+            list(self._threads.map(lambda engine: engine.load_checkpoint(hf_dir), self.engines))
+            logger.info("loaded %s into the %d running engine(s)", hf_dir, len(self.engines))
+        else:
+            self._close_engines()
+            futures = [
+                self._threads.submit(
+                    make_vllm_engine, hf_dir, index=i, args=self.args, engine_kwargs=self.engine_kwargs
+                )
+                for i in range(self.args.engines)
+            ]
+            wait(futures)
+            self.engines = [f.result() for f in futures if f.exception() is None]
+            if failed := [f.exception() for f in futures if f.exception() is not None]:
+                self._close_engines()
+                raise failed[0]
+            logger.info("started %d vLLM engine(s) on %s", len(self.engines), hf_dir)
         self.model_cfg = model_cfg
         return [engine.generate for engine in self.engines]
 
     def close(self) -> None:
+        self._close_engines()
+        self._threads.shutdown(wait=True)
+
+    def _close_engines(self) -> None:
         engines, self.engines = self.engines, []
-        for engine in engines:
-            engine.close()
+        list(self._threads.map(lambda engine: engine.close(), engines))  # a server takes seconds to exit
 
 
 def sweep_table(ids: Sequence[str], results: Sequence[dict[str, Any]]) -> str:

@@ -9,6 +9,7 @@ may come from several generation threads at once.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -61,7 +62,7 @@ class SampleProgress:
         self._stream = stream if stream is not None else sys.stderr
         self._lock = threading.Lock()
         self._start: dict[str, float] = {}
-        self._last_line = dict.fromkeys(totals, 0.0)
+        self._last_line = dict.fromkeys(totals, -math.inf)  # the first update is reported at once
         self._bars: dict[str, Any] = {}
         if self.enabled and self._stream.isatty():
             from tqdm.auto import tqdm
@@ -72,7 +73,7 @@ class SampleProgress:
                     total=total,
                     initial=self.initial[name],
                     desc=f"{name:<{width}}",
-                    unit="sample",
+                    unit="samples",
                     position=position,
                     file=self._stream,
                     dynamic_ncols=True,
