@@ -25,9 +25,11 @@ Engines (where the samples come from):
                          [i*T, (i+1)*T) (T = --tensor-parallel-size, via CUDA_VISIBLE_DEVICES), each keeping
                          one generation call in flight while one thread grades. A checkpoint of this project
                          is first exported to OUT/hf (HF format). The held-out loss is still computed by the
-                         Megatron model in this process (a teacher-forced forward pass). One process only (no
-                         torchrun); vLLM may live in another venv (--vllm-python). Other vLLM engine
-                         arguments: --vllm-arg key=value (e.g. dtype=bfloat16, gpu_memory_utilization=0.8).
+                         Megatron model in this process (a teacher-forced forward pass) on the first device,
+                         beside engine 0 from the second checkpoint of a sweep on: leave it room with
+                         --vllm-arg gpu_memory_utilization=.... One process only (no torchrun); vLLM may
+                         live in another venv (--vllm-python, default $NEMO_QUAGMIRE_VLLM_PYTHON). Other
+                         vLLM engine arguments: --vllm-arg key=value (e.g. dtype=bfloat16, max_num_seqs=512).
 
 Resuming: the samples of each shard (--shard-size problems of a benchmark) are written to OUT/shards/ as soon
 as they are graded. Re-running a killed evaluation with the same arguments generates only the missing shards
@@ -94,7 +96,7 @@ _ENGINE_SET_ARGS = {
     "seed": "--seed",
     "devices": "--engines / --tensor-parallel-size",
 }
-_MAJ = re.compile(r"^val/macro/maj@\d+$")
+_MAJ = re.compile(r"^val/macro/maj@(?!1$)\d+$")  # maj@1 is pass@1: not a feature of its own
 
 
 class InputError(ValueError):
@@ -146,7 +148,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     engines.add_argument("--engine", choices=ENGINES, default="megatron", help="where samples come from")
     engines.add_argument("--engines", type=int, default=1, help="vLLM engines (data parallel over GPUs)")
     engines.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine")
-    engines.add_argument("--vllm-python", default=None, help="Python of the venv with vLLM (default: this)")
+    engines.add_argument(
+        "--vllm-python",
+        default=None,
+        help="Python of the venv with vLLM (default: $NEMO_QUAGMIRE_VLLM_PYTHON, else this)",
+    )
     engines.add_argument(
         "--vllm-arg",
         action="append",
@@ -498,6 +504,10 @@ def evaluate_job(job: Job, args: argparse.Namespace, engines: VLLMEngines | None
             if passk_here:
                 metrics |= _evaluate_passk(job, handle, None)
             del model, engine, handle
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the engines get the memory back
     if engines is not None and job.passk is not None:
         generators = engines.serve(hf_dir)
         handle = PolicyHandle(
@@ -606,8 +616,8 @@ class VLLMEngines:
 
 
 def sweep_table(ids: Sequence[str], results: Sequence[dict[str, Any]]) -> str:
-    """The predictor's table (nemo_quagmire/predict/table.py) of a sweep: `run`, the macro pass@k and maj@k,
-    the held-out losses, and the empty target column for the post-RL score."""
+    """The predictor's table (nemo_quagmire/predict/table.py) of a sweep: `run`, the macro pass@k and maj@k
+    (k > 1), the held-out losses, and the empty target column for the post-RL score."""
     columns: dict[str, None] = {}
     rows = []
     for result in results:

@@ -41,7 +41,7 @@ def test_log_lines_report_progress_rate_and_eta(caplog):
 
 
 def test_only_rank_0_reports(monkeypatch, caplog):
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr("nemo_quagmire.utils.progress.global_rank", lambda: 1)
     stream = _Terminal()
     progress = SampleProgress({"gsm8k": 10}, stream=stream)
     with caplog.at_level(logging.INFO, logger="nemo_quagmire"):
