@@ -69,6 +69,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -251,7 +252,7 @@ def engine_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
     Raises:
         InputError: counts below 1, vLLM flags without --engine vllm, more GPUs asked for than the node has,
-            --engine vllm under torchrun, or a malformed/reserved --vllm-arg.
+            --engine vllm under torchrun, a malformed/reserved --vllm-arg, or no vLLM for the servers' Python.
     """
     if args.engines < 1 or args.tensor_parallel_size < 1:
         raise InputError(
@@ -288,8 +289,19 @@ def engine_arguments(args: argparse.Namespace) -> dict[str, Any]:
         )
     if importlib.util.find_spec("nemo_quagmire.rollout.vllm_server") is None:
         raise InputError("--engine vllm needs nemo_quagmire.rollout.vllm_server, missing from this install")
-    if args.vllm_python is not None and not os.access(args.vllm_python, os.X_OK):
-        raise InputError(f"--vllm-python {args.vllm_python}: not an executable; give the venv's bin/python")
+    from nemo_quagmire.rollout.vllm_server import server_python
+
+    python = server_python(args.vllm_python)
+    if not os.access(python, os.X_OK):
+        raise InputError(
+            f"vLLM's Python {python}: not an executable; give the venv's bin/python (--vllm-python)"
+        )
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"  # no vLLM import
+    if subprocess.run([python, "-c", probe], capture_output=True).returncode != 0:
+        raise InputError(
+            f"vLLM is not installed for {python}; pass --vllm-python (or set $NEMO_QUAGMIRE_VLLM_PYTHON) to "
+            "the Python of a venv with vLLM (on CPU: `bash .ci/vllm-stage.sh` builds .venv-vllm)"
+        )
     import torch
 
     wanted = args.engines * args.tensor_parallel_size

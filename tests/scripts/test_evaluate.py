@@ -218,6 +218,9 @@ def test_argument_errors_exit_2_and_write_nothing(checkpoint, tmp_path, capsys, 
     for argv, message in cases:
         assert evaluate.main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
+    if importlib.util.find_spec("vllm") is None:  # the base venv
+        assert evaluate.main([*base, "--engine", "vllm"]) == 2
+        assert f"vLLM is not installed for {sys.executable}; pass --vllm-python" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert evaluate.main([*base, "--engine", "vllm"]) == 2
     assert "start it without torchrun" in capsys.readouterr().err
@@ -242,7 +245,9 @@ def test_sweep_run_ids_name_each_checkpoint_once(tmp_path):
 
 
 # A stand-in for nemo_quagmire.rollout.vllm_server (the real engines run in the vLLM stage): engines that
-# log what is done to them and generate the scripted completions of tests/callbacks/scripted.py.
+# log what is done to them and generate the scripted completions of tests/callbacks/scripted.py. The first
+# call of each waits until the other engine is in a call too: the run completes only if they generate at
+# the same time.
 _FAKE_SERVER = """
 import importlib.machinery, json, os, sys, threading, types
 from pathlib import Path
@@ -250,6 +255,7 @@ sys.path.insert(0, {repo!r})
 from tests.callbacks.scripted import scripted_generate
 EVENTS = Path(os.environ["FAKE_ENGINE_EVENTS"])
 lock = threading.Lock()
+both_engines = threading.Barrier(2, timeout=120)  # each engine's first call waits for the other's
 
 def log(**event):
     with lock, open(EVENTS, "a") as f:
@@ -263,6 +269,9 @@ class VLLMServerEngine:
             kwargs=kwargs)
     def generate(self, prompts, group_size, sampling):
         log(event="generate", engine=self.index, thread=threading.current_thread().name)
+        if not getattr(self, "called", False):
+            self.called = True
+            both_engines.wait()
         return scripted_generate(prompts, group_size, sampling)
     def load_checkpoint(self, hf_dir):
         log(event="load_checkpoint", engine=self.index, hf_dir=str(hf_dir))
@@ -272,6 +281,7 @@ class VLLMServerEngine:
 module = types.ModuleType("nemo_quagmire.rollout.vllm_server")
 module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
 module.VLLMServerEngine = VLLMServerEngine
+module.server_python = lambda python=None: python or sys.executable
 sys.modules[module.__name__] = module
 """
 
@@ -304,12 +314,11 @@ def test_a_sweep_on_vllm_engines_shares_them_and_writes_the_predictor_table(swee
     argv += ["--vllm-arg", "dtype=float32", "--benchmarks", "synthetic", "--n", "4", "--num-problems", "6"]
     argv += ["--rows-per-batch", "4", "--max-new-tokens", "16", "--heldout", "synthetic"]
     argv += ["--synthetic-heldout", "8", "--grader-workers", "1", "--out", str(out)]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-        "FAKE_ENGINE_EVENTS": str(tmp_path / "ev"),
-    }
+    fake_vllm = tmp_path / "site" / "vllm" / "__init__.py"  # evaluate.py only asks whether vllm is importable
+    fake_vllm.parent.mkdir(parents=True)
+    fake_vllm.write_text("")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAKE_ENGINE_EVENTS": str(tmp_path / "ev")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(fake_vllm.parent.parent)])
     code = _FAKE_SERVER.format(repo=str(REPO)) + _DRIVER.format(repo=str(REPO), script=str(SCRIPT))
     result = subprocess.run(
         [sys.executable, "-c", code, json.dumps(argv), "0"],
