@@ -13,7 +13,7 @@ Why it is built this way:
   per validation. Each generation call carries `rows_per_batch` completions (problems x samples, problems
   sorted by prompt length so that little of the batch is padding), and the engine decodes them together
   with a KV cache. Grading is CPU work in worker processes: it runs on one background thread, batch i being
-  graded while the main thread generates batch i + 1, so a validation costs about max(generation, grading)
+  graded while batch i + 1 generates, so a validation costs about max(generation, grading)
   instead of their sum. `MathGrader` is not thread-safe; only that thread touches it.
 - Re-grading. Every graded sample of every validation is written (atomically) to
   `<run_dir>/eval/step_XXXXXXXX/samples.parquet` with its gold answer (`nemo_quagmire.eval.samples`), so a
@@ -23,19 +23,30 @@ Why it is built this way:
   (what the report needs); each data-parallel rank writes the completions it generated to its own part
   file, so no rank holds all of them. (Every rank of a tensor/pipeline-parallel replica writes the same
   part, atomically.)
-- Reproducibility. Each generation call is seeded from (seed, step, data-parallel rank, batch), so a resumed
-  run repeats the uninterrupted run's validations exactly.
+- Several engines. An offline evaluation (`scripts/evaluate.py --engine vllm --engines N`) hands `evaluate`
+  one generation function per engine; each keeps one call in flight, pulling the next call from a shared
+  queue, so N engines generate concurrently while one thread grades.
+- Shards and resumption. Each benchmark's problems (sorted by prompt length) are cut into shards of
+  `shard_size` problems. Shards are the unit spread over data-parallel ranks and, with a
+  `nemo_quagmire.eval.shards.ShardStore`, saved as soon as they are graded, so a killed evaluation re-run
+  with the same arguments generates only the missing shards.
+- Reproducibility. Each generation call is seeded from (seed, step, benchmark, shard, call within the
+  shard), never from the rank or engine that runs it, so a resumed run, a run on more ranks and a run on
+  more engines repeat the uninterrupted single-engine samples (given a deterministic engine).
 - Bad input fails at construction, before any generation: an unknown benchmark (`select_benchmarks`), k > n,
   n > 256, and a prompt the tokenizer cannot encode (every prompt is built then).
 
-Problems are split over data-parallel ranks; each rank grades its share and the verdicts are gathered on
-every rank before the report is computed.
+Each rank grades its shards and the verdicts are gathered on every rank before the report is computed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -45,12 +56,15 @@ from typing import Any
 from nemo_quagmire.eval.benchmarks import BenchmarkError, Problem, available_benchmarks, load_benchmarks
 from nemo_quagmire.eval.passk import default_ks
 from nemo_quagmire.eval.samples import SampleRecord, samples_file, summarize, write_report, write_samples
+from nemo_quagmire.eval.shards import ShardKey, ShardStore
 from nemo_quagmire.rollout.base import RolloutBatch, SamplingParams
 from nemo_quagmire.trainer.callbacks import Callback, PolicyHandle, Tokenizer
 from nemo_quagmire.utils.logging import get_logger, global_rank
+from nemo_quagmire.utils.progress import SampleProgress
 
 __all__ = [
     "EVAL_SUBDIR",
+    "GenerateFn",
     "MAX_NUM_SAMPLES",
     "SYNTHETIC",
     "PassAtKCallback",
@@ -62,6 +76,7 @@ __all__ = [
 logger = get_logger(__name__)
 
 PromptFn = Callable[[Problem], list[int]]
+GenerateFn = Callable[[Sequence[Sequence[int]], int, SamplingParams], RolloutBatch]
 MAX_NUM_SAMPLES = 256  # the paper's n; pass@k estimates at k <= 64 are tight well before it
 SYNTHETIC = "synthetic"  # the config name of the embedded task's held-out problems
 EVAL_SUBDIR = "eval"
@@ -119,15 +134,6 @@ def select_benchmarks(
     return selected
 
 
-@dataclass(frozen=True)
-class _Batch:
-    """One generation call: problems, their prompt ids, and the seed of the call."""
-
-    problems: list[Problem]
-    prompts: list[list[int]]
-    seed: int
-
-
 class PassAtKCallback(Callback):
     """Reports pass@k, maj@k, mean@n, no-answer rate and completion length of the policy on benchmarks.
 
@@ -138,6 +144,8 @@ class PassAtKCallback(Callback):
         sampling: temperature / top-p / max new tokens (stop tokens: the tokenizer's EOS is added).
         ks: the ks to report; default powers of two up to n.
         rows_per_batch: completions per generation call; a call holds max(1, rows_per_batch // n) problems.
+        shard_size: problems per shard, the unit spread over data-parallel ranks and saved (and resumed) at
+            once by `evaluate(store=...)`; default one generation call's problems.
         equal_length_batches: put only prompts of equal token length in one call (for engines that cannot
             mask left padding, e.g. the in-process engine under Transformer Engine attention).
         grader_workers: grading processes; 0 grades in this process on the main thread (no overlap).
@@ -163,6 +171,7 @@ class PassAtKCallback(Callback):
         sampling: SamplingParams,
         ks: Sequence[int] | None = None,
         rows_per_batch: int = 256,
+        shard_size: int | None = None,
         equal_length_batches: bool = False,
         grader_workers: int = 1,
         overlap_grading: bool = True,
@@ -183,9 +192,10 @@ class PassAtKCallback(Callback):
                 f"pass@{self.ks[-1]} needs at least {self.ks[-1]} samples per problem, but num_samples="
                 f"{num_samples}; lower the ks or raise num_samples"
             )
-        if rows_per_batch < 1 or grader_workers < 0:
+        if rows_per_batch < 1 or grader_workers < 0 or (shard_size is not None and shard_size < 1):
             raise ValueError(
-                f"rows_per_batch must be >= 1 and grader_workers >= 0, got {rows_per_batch}, {grader_workers}"
+                f"rows_per_batch and shard_size must be >= 1 and grader_workers >= 0, got {rows_per_batch}, "
+                f"{shard_size}, {grader_workers}"
             )
         self.benchmarks = {name: list(problems) for name, problems in benchmarks.items()}
         problems = [p for items in self.benchmarks.values() for p in items]
@@ -193,6 +203,7 @@ class PassAtKCallback(Callback):
         self.num_samples = num_samples
         self.sampling = sampling
         self.rows_per_batch = rows_per_batch
+        self.shard_size = shard_size or max(1, rows_per_batch // num_samples)
         self.equal_length_batches = equal_length_batches
         self.grader_workers = grader_workers
         self.overlap_grading = overlap_grading and grader_workers > 0
@@ -216,77 +227,146 @@ class PassAtKCallback(Callback):
             self._grader = None
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, handle: PolicyHandle, out_dir: Path | None = None) -> dict[str, float]:
+    def plan_arguments(self, step: int) -> dict[str, Any]:
+        """What decides the samples of an evaluation at `step` (for a `ShardStore`): sampling, n, seed,
+        batching and a digest of every problem's id, gold answer and prompt ids."""
+        digest = hashlib.sha256()
+        for problem in (p for items in self.benchmarks.values() for p in items):
+            prompt = self._prompt_ids[(problem.benchmark, problem.id)]
+            digest.update(json.dumps([problem.benchmark, problem.id, problem.answer, prompt]).encode())
+        return {
+            "step": step,
+            "num_samples": self.num_samples,
+            "sampling": self.sampling.model_dump(mode="json"),
+            "seed": self.seed,
+            "rows_per_batch": self.rows_per_batch,
+            "equal_length_batches": self.equal_length_batches,
+            "shard_size": self.shard_size,
+            "problems": {name: len(items) for name, items in self.benchmarks.items()},
+            "problems_sha256": digest.hexdigest(),
+        }
+
+    def evaluate(
+        self,
+        handle: PolicyHandle,
+        out_dir: Path | None = None,
+        *,
+        generators: Sequence[GenerateFn] | None = None,
+        store: ShardStore | None = None,
+        progress: bool = False,
+    ) -> dict[str, float]:
         """Sample, grade and report; with `out_dir`, rank 0 also writes samples.parquet and report.json.
 
-        Collective over the data-parallel group (every rank calls it).
+        Collective over the data-parallel group (every rank calls it). Shards (see the class docstring) are
+        spread over data-parallel ranks; within a rank, their generation calls over `generators`.
+
+        Args:
+            handle: the policy (its `generate` unless `generators` is given, tokenizer, collectives, step).
+            out_dir: where to write samples and report; None = nowhere.
+            generators: generation functions of engines to use concurrently, one call in flight each (the
+                first runs on this thread); default `[handle.generate]`.
+            store: finished shards to resume from and to save every shard into as soon as it is graded
+                (`store.begin()` is called here); None = no resume.
+            progress: report generated samples per benchmark (bars on a terminal, else log lines; rank 0).
 
         Returns:
             The metrics (`val/<bench>/...`, `val/macro/...`, `timing/val_passk*`), the same on every rank.
+
+        Raises:
+            ShardStoreError: the store holds other arguments or a damaged shard (before any generation).
         """
         start = time.perf_counter()
-        batches = self._batches(handle)
+        shards = self._shards(handle.step)
+        if store is not None:
+            store.begin()
+            finished_here = store.finished([shard.key for shard in shards])
+        else:
+            finished_here = []
+        finished = {key for part in handle.all_gather_objects(finished_here) for key in part}  # + a barrier
+        rank, size = handle.data_parallel_rank, handle.data_parallel_size
+        todo = [shard for shard in shards if shard.key not in finished][rank::size]
+        resumed = [shard for shard in shards if shard.key in finished][rank::size]
+        mine = [record for shard in resumed for record in store.read(shard.key, shard.sample_keys())]
+        if resumed:
+            logger.info("resumed %d finished shard(s) from %s", len(resumed), store.directory)
         sampling = self.sampling.model_copy(
             update={"stop_token_ids": (*self.sampling.stop_token_ids, handle.tokenizer.eos_id)}
         )
-        grader = self._get_grader()
-        executor = ThreadPoolExecutor(1, thread_name_prefix="passk-grader") if self.overlap_grading else None
-        graded: list[Future[list[SampleRecord]]] = []
+        bar = SampleProgress(
+            {
+                name: sum(s.num_samples for s in [*todo, *resumed] if s.key.benchmark == name)
+                for name in self.benchmarks
+            },
+            {
+                name: sum(s.num_samples for s in resumed if s.key.benchmark == name)
+                for name in self.benchmarks
+            },
+            enabled=progress,
+        )
+        run = _Generation(
+            todo,
+            generators=list(generators) if generators else [handle.generate],
+            num_samples=self.num_samples,
+            sampling=sampling,
+            tokenizer=handle.tokenizer,
+            grader=self._get_grader(),
+            overlap_grading=self.overlap_grading,
+            store=store,
+            progress=bar,
+        )
         try:
-            for batch in batches:
-                rollout = handle.generate(
-                    batch.prompts, self.num_samples, sampling.model_copy(update={"seed": batch.seed})
-                )
-                job = _GradeJob(batch.problems, _cpu_rows(rollout), handle.tokenizer, grader)
-                graded.append(executor.submit(job) if executor else _done(job()))
-            generated = time.perf_counter()
-            mine = [record for future in graded for record in future.result()]
+            mine += run()
         finally:
-            if executor is not None:
-                executor.shutdown(wait=True, cancel_futures=True)
-        grade_wait = time.perf_counter() - generated
+            bar.close()
         mine = self._in_benchmark_order(mine)
         verdicts = [replace(r, completion="") for r in mine]  # what the report needs, without the text
         everyone = self._in_benchmark_order([r for part in handle.all_gather_objects(verdicts) for r in part])
         report, metrics = summarize(everyone, self.ks)
         if out_dir is not None:
-            rank, size = handle.data_parallel_rank, handle.data_parallel_size
             write_samples(samples_file(out_dir, rank, size), mine)
             if global_rank() == 0:
                 write_report(out_dir, handle.step, report)
                 logger.info("wrote %d graded samples to %s", len(everyone), out_dir)
         metrics["timing/val_passk"] = time.perf_counter() - start
-        metrics["timing/val_passk_grade_wait"] = grade_wait
+        metrics["timing/val_passk_grade_wait"] = run.grade_wait
         return metrics
 
-    def _batches(self, handle: PolicyHandle) -> list[_Batch]:
-        """This rank's problems in generation calls of about `rows_per_batch` completions, shortest prompts
-        first (little padding per call), each call with its own seed."""
-        problems = [p for items in self.benchmarks.values() for p in items]
+    def _shards(self, step: int) -> list[_Shard]:
+        """Every benchmark's problems, shortest prompts first (little padding per call), cut into shards of
+        `shard_size` problems, each cut into generation calls of about `rows_per_batch` completions, each
+        call with a seed of its own (from the seed, step, benchmark, shard and position: not from the rank or
+        engine that runs it)."""
         prompt_ids = self._prompt_ids
-        mine = problems[handle.data_parallel_rank :: handle.data_parallel_size]
-        mine.sort(key=lambda p: len(prompt_ids[(p.benchmark, p.id)]))  # stable: ties keep their order
         per_call = max(1, self.rows_per_batch // self.num_samples)
-        groups: list[list[Problem]] = []
-        for problem in mine:
-            length = len(prompt_ids[(problem.benchmark, problem.id)])
-            last = groups[-1] if groups else None
-            fits = last is not None and len(last) < per_call
-            same_length = last is not None and len(prompt_ids[(last[0].benchmark, last[0].id)]) == length
-            if fits and (same_length or not self.equal_length_batches):
-                last.append(problem)
-            else:
-                groups.append([problem])
-        return [
-            _Batch(
-                problems=group,
-                prompts=[prompt_ids[(p.benchmark, p.id)] for p in group],
-                seed=random.Random(
-                    f"{self.seed}/{handle.step}/{handle.data_parallel_rank}/{index}"
-                ).getrandbits(31),
-            )
-            for index, group in enumerate(groups)
-        ]
+        shards = []
+        for name, problems in self.benchmarks.items():
+            ordered = sorted(problems, key=lambda p: len(prompt_ids[(p.benchmark, p.id)]))  # stable
+            for index in range(0, len(ordered), self.shard_size):
+                key = ShardKey(name, index // self.shard_size)
+                groups: list[list[Problem]] = []
+                for problem in ordered[index : index + self.shard_size]:
+                    length = len(prompt_ids[(problem.benchmark, problem.id)])
+                    last = groups[-1] if groups else None
+                    fits = last is not None and len(last) < per_call
+                    same_length = (
+                        last is not None and len(prompt_ids[(last[0].benchmark, last[0].id)]) == length
+                    )
+                    if fits and (same_length or not self.equal_length_batches):
+                        last.append(problem)
+                    else:
+                        groups.append([problem])
+                batches = [
+                    _Batch(
+                        problems=group,
+                        prompts=[prompt_ids[(p.benchmark, p.id)] for p in group],
+                        seed=random.Random(f"{self.seed}/{step}/{name}/{key.index}/{position}").getrandbits(
+                            31
+                        ),
+                    )
+                    for position, group in enumerate(groups)
+                ]
+                shards.append(_Shard(key, batches, self.num_samples))
+        return shards
 
     def _get_grader(self) -> Any:
         if self._grader is None:
@@ -300,6 +380,147 @@ class PassAtKCallback(Callback):
         problems = [p for items in self.benchmarks.values() for p in items]
         position = {(p.benchmark, p.id): i for i, p in enumerate(problems)}
         return sorted(records, key=lambda r: (position[(r.benchmark, r.problem_id)], r.sample_index))
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One generation call: problems, their prompt ids, and the seed of the call."""
+
+    problems: list[Problem]
+    prompts: list[list[int]]
+    seed: int
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """A benchmark's problems saved (and resumed) together, in generation calls."""
+
+    key: ShardKey
+    batches: list[_Batch]
+    n: int
+
+    @property
+    def num_samples(self) -> int:
+        return self.n * sum(len(batch.problems) for batch in self.batches)
+
+    def sample_keys(self) -> list[tuple[str, int]]:
+        return [(p.id, j) for batch in self.batches for p in batch.problems for j in range(self.n)]
+
+
+class _Generation:
+    """Generate the calls of `shards` on several engines at once and grade beside them (one evaluation).
+
+    Each generator (one engine, one call in flight) pulls the next call from a shared queue; generator 0 runs
+    on the calling thread, the others on threads of their own. Grading runs on one background thread
+    (`MathGrader` is not thread-safe), call i being graded while later calls generate; without overlap it
+    runs right after each call, under a lock. When the last call of a shard is graded, the shard goes to the
+    store. The first error anywhere stops every generator after its current call and is re-raised.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[_Shard],
+        *,
+        generators: Sequence[GenerateFn],
+        num_samples: int,
+        sampling: SamplingParams,
+        tokenizer: Tokenizer,
+        grader: Any,
+        overlap_grading: bool,
+        store: ShardStore | None,
+        progress: SampleProgress,
+    ) -> None:
+        self.queue = deque((shard, batch) for shard in shards for batch in shard.batches)
+        self.generators = generators
+        self.num_samples = num_samples
+        self.sampling = sampling
+        self.tokenizer = tokenizer
+        self.grader = grader
+        self.overlap_grading = overlap_grading
+        self.store = store
+        self.progress = progress
+        self.pending = {shard.key: len(shard.batches) for shard in shards}
+        self.records: dict[ShardKey, list[SampleRecord]] = {shard.key: [] for shard in shards}
+        self.grade_wait = 0.0
+        self._lock = threading.Lock()
+        self._grade_lock = threading.Lock()
+        self._failed = threading.Event()
+
+    def __call__(self) -> list[SampleRecord]:
+        grading = ThreadPoolExecutor(1, thread_name_prefix="passk-grader") if self.overlap_grading else None
+        helpers = (
+            ThreadPoolExecutor(len(self.generators) - 1, thread_name_prefix="passk-engine")
+            if len(self.generators) > 1
+            else None
+        )
+        graded: list[Future[None]] = []
+        try:
+            others = (
+                [helpers.submit(self._drain, g, grading, graded) for g in self.generators[1:]]
+                if helpers
+                else []
+            )
+            try:
+                self._drain(self.generators[0], grading, graded)
+            finally:
+                for future in others:
+                    future.exception()  # wait for every engine's current call
+            for future in others:
+                future.result()
+            generated = time.perf_counter()
+            for future in graded:
+                future.result()
+            self.grade_wait = time.perf_counter() - generated
+        finally:
+            self._failed.set()
+            for pool in (helpers, grading):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+        return [record for records in self.records.values() for record in records]
+
+    def _drain(
+        self, generate: GenerateFn, grading: ThreadPoolExecutor | None, graded: list[Future[None]]
+    ) -> None:
+        try:
+            while not self._failed.is_set():
+                with self._lock:
+                    if not self.queue:
+                        return
+                    shard, batch = self.queue.popleft()
+                self.progress.begin(shard.key.benchmark)
+                rollout = generate(
+                    batch.prompts, self.num_samples, self.sampling.model_copy(update={"seed": batch.seed})
+                )
+                rows = _cpu_rows(rollout)
+                self.progress.update(shard.key.benchmark, len(rows), sum(len(r.completion_ids) for r in rows))
+                job = _GradeJob(batch.problems, rows, self.tokenizer, self.grader)
+                if grading is None:
+                    with self._grade_lock:
+                        self._collect(shard, job)
+                else:
+                    with self._lock:
+                        graded.append(grading.submit(self._collect, shard, job))
+        except BaseException:
+            self._failed.set()
+            raise
+
+    def _collect(self, shard: _Shard, job: _GradeJob) -> None:
+        """Grade one call; store its shard when it was the shard's last (one thread at a time; nothing after
+        a failure elsewhere)."""
+        if self._failed.is_set():
+            return
+        try:
+            records = self.records[shard.key]
+            records += job()
+            self.pending[shard.key] -= 1
+            if self.pending[shard.key] == 0 and self.store is not None:
+                order = {key: i for i, key in enumerate(shard.sample_keys())}
+                self.store.write(
+                    shard.key, sorted(records, key=lambda r: order[(r.problem_id, r.sample_index)])
+                )
+        except BaseException:
+            self._failed.set()
+            raise
 
 
 @dataclass(frozen=True)
@@ -359,9 +580,3 @@ def _cpu_rows(rollout: RolloutBatch) -> list[_Row]:
         _Row(prompt, tokens[row, start:end].tolist(), bool(truncated))
         for row, (prompt, start, end, truncated) in enumerate(columns)
     ]
-
-
-def _done(value: list[SampleRecord]) -> Future[list[SampleRecord]]:
-    future: Future[list[SampleRecord]] = Future()
-    future.set_result(value)
-    return future

@@ -145,6 +145,7 @@ def validation_callbacks(
     heldout_template: ExampleTemplate,
     splits: SyntheticSplits | None = None,
     math_prompt_ids: PromptFn | None = None,
+    shard_size: int | None = None,
 ) -> list[Callback]:
     """The Pass@k and held-out-loss callbacks the `validation` section asks for.
 
@@ -157,6 +158,7 @@ def validation_callbacks(
         heldout_template: how held-out prompts are tokenized unless `val.heldout_prompt_template` says.
         splits: the synthetic task's splits (its held-out problems serve 'synthetic' and the held-out loss).
         math_prompt_ids: the prompt of a math benchmark problem; None where the tokenizer cannot encode them.
+        shard_size: Pass@k problems per shard (`PassAtKCallback`); None = its default.
 
     Raises:
         BenchmarkError: an unknown benchmark name (before any model work).
@@ -192,6 +194,7 @@ def validation_callbacks(
                     temperature=val.temperature, top_p=val.top_p, max_new_tokens=max_new_tokens
                 ),
                 rows_per_batch=val.rows_per_batch,
+                shard_size=shard_size,
                 equal_length_batches=val.equal_length_batches,
                 grader_workers=val.grader_workers,
                 save_samples=val.save_samples,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import statistics
 import threading
 from math import comb
@@ -16,6 +17,7 @@ from nemo_quagmire.callbacks.passk import PassAtKCallback, eval_dir, select_benc
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig, generate_splits
 from nemo_quagmire.eval.benchmarks import BenchmarkError, Problem
 from nemo_quagmire.eval.samples import read_samples, regrade_samples, summarize
+from nemo_quagmire.eval.shards import ShardStore, ShardStoreError, ShardStoreMismatch
 from nemo_quagmire.rewards.extraction import extract_final_answer
 from nemo_quagmire.rewards.math_grader import GradeResult, MathGrader
 from nemo_quagmire.rollout.base import SamplingParams
@@ -172,8 +174,9 @@ def test_equal_length_batches_hold_one_prompt_length(tmp_path, grader):
     callback.on_validation(handle(tmp_path, generate=generate))
     assert all(len(set(lengths)) == 1 for lengths in lengths_per_call)
     flat = [length for lengths in lengths_per_call for length in lengths]
-    assert flat == sorted(flat) and len(flat) == 6  # shortest prompts first, every problem once
-    assert len(lengths_per_call) == len(set(flat))
+    alpha, beta = flat[:4], flat[4:]  # benchmark by benchmark, each problem once, shortest prompts first
+    assert len(flat) == 6 and alpha == sorted(alpha) and beta == sorted(beta)
+    assert len(lengths_per_call) == len(set(alpha)) + len(set(beta))
 
 
 def test_data_parallel_ranks_gather_verdicts_and_write_their_own_samples(tmp_path, grader):
@@ -195,7 +198,7 @@ def test_data_parallel_ranks_gather_verdicts_and_write_their_own_samples(tmp_pat
     parts = sorted(p.name for p in eval_dir(tmp_path, 1).glob("samples*.parquet"))
     assert parts == ["samples.rank-00000-of-00002.parquet", "samples.rank-00001-of-00002.parquet"]
     first = {r.problem_id for r in read_samples(eval_dir(tmp_path, 1) / parts[0])}
-    assert first == {p.id for p in _PROBLEMS[0::2]}  # rank 0 generated every other problem
+    assert first == {p.id for p in _PROBLEMS[:4]}  # shards alternate over ranks: alpha's one shard, beta's
     records = read_samples(eval_dir(tmp_path, 1))
     assert len(records) == 6 * N and all(r.completion for r in records)
 
@@ -230,3 +233,104 @@ def test_select_benchmarks_names_unknown_ones_before_loading(tmp_path):
         ["synthetic", "alpha"], benchmarks_dir=tmp_path, synthetic=_PROBLEMS, num_problems=2
     )
     assert list(selected) == ["x", "alpha"] and len(selected["x"]) == 2 and selected["alpha"][0].answer == "2"
+
+
+class _Killed(RuntimeError):
+    """Stands in for the evaluation being killed."""
+
+
+class _KilledAfter(ShardStore):
+    """A store whose process 'dies' right after writing its k-th shard."""
+
+    def __init__(self, directory, arguments, shards: int) -> None:
+        super().__init__(directory, arguments)
+        self.left = shards
+
+    def write(self, key, records) -> None:
+        super().write(key, records)
+        self.left -= 1
+        if self.left == 0:
+            raise _Killed(f"killed after shard {key}")
+
+
+def test_a_killed_evaluation_resumes_from_its_shards_and_equals_an_uninterrupted_one(tmp_path, grader):
+    def callback():  # 1 problem per call, 2 problems per shard: alpha 2 shards, beta 1
+        return _callback(grader, rows_per_batch=N, shard_size=2)
+
+    calls = []
+
+    def generate(prompts, group_size, sampling):
+        calls.append(sampling.seed)
+        return scripted_generate(prompts, group_size, sampling)
+
+    whole = callback().evaluate(handle(tmp_path / "whole", generate=generate), tmp_path / "whole")
+    seeds = list(calls)
+    arguments = callback().plan_arguments(0)
+    with pytest.raises(_Killed):
+        callback().evaluate(
+            handle(generate=generate), tmp_path / "out", store=_KilledAfter(tmp_path / "s", arguments, 2)
+        )
+    written = sorted(str(p.relative_to(tmp_path / "s")) for p in (tmp_path / "s").rglob("shard-*.parquet"))
+    assert written == ["alpha/shard-00000.parquet", "alpha/shard-00001.parquet"]
+    calls.clear()
+    resumed = callback().evaluate(
+        handle(generate=generate), tmp_path / "out", store=ShardStore(tmp_path / "s", arguments)
+    )
+    assert calls == seeds[4:]  # only the last shard's 2 calls were generated again, with their own seeds
+    assert {k: v for k, v in resumed.items() if k.startswith("val/")} == {
+        k: v for k, v in whole.items() if k.startswith("val/")
+    }
+    assert read_samples(tmp_path / "out" / "samples.parquet") == read_samples(
+        tmp_path / "whole" / "samples.parquet"
+    )
+
+
+def test_a_store_of_other_arguments_or_a_damaged_shard_is_refused_before_generating(tmp_path, grader):
+    def generate(prompts, group_size, sampling):
+        raise AssertionError("nothing may be generated")
+
+    callback = _callback(grader, rows_per_batch=N, shard_size=2)
+    ShardStore(tmp_path / "s", callback.plan_arguments(0)).begin()
+    other = _callback(grader, rows_per_batch=N, shard_size=2, seed=7)
+    with pytest.raises(ShardStoreMismatch, match="seed: stored 0, now 7"):
+        other.evaluate(handle(generate=generate), store=ShardStore(tmp_path / "s", other.plan_arguments(0)))
+    damaged = tmp_path / "s" / "alpha" / "shard-00001.parquet"
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"PAR1 not really")
+    with pytest.raises(ShardStoreError, match="shard-00001.parquet is damaged .* delete it"):
+        callback.evaluate(
+            handle(generate=generate), store=ShardStore(tmp_path / "s", callback.plan_arguments(0))
+        )
+
+
+def test_engines_generate_concurrently_and_give_the_single_engine_result(tmp_path, grader):
+    """Three engines whose calls each wait until all three are in flight: the evaluation completes only if
+    the engines generate at the same time."""
+    in_flight = threading.Barrier(3, timeout=20)
+    used: list[int] = []
+
+    def engine(index):
+        def generate(prompts, group_size, sampling):
+            used.append(index)
+            if len(used) <= 3:
+                in_flight.wait()
+            return scripted_generate(prompts, group_size, sampling)
+
+        return generate
+
+    single = _callback(grader, rows_per_batch=N).evaluate(handle(tmp_path))
+    callback = _callback(grader, rows_per_batch=N)
+    metrics = callback.evaluate(handle(tmp_path), generators=[engine(i) for i in range(3)])
+    assert sorted(set(used)) == [0, 1, 2] and len(used) == 6
+    assert {k: v for k, v in metrics.items() if k.startswith("val/")} == {
+        k: v for k, v in single.items() if k.startswith("val/")
+    }
+
+
+def test_progress_is_logged_per_benchmark_when_stderr_is_not_a_terminal(tmp_path, grader, caplog):
+    with caplog.at_level("INFO", logger="nemo_quagmire"):
+        _callback(grader, rows_per_batch=N).evaluate(handle(tmp_path), progress=True)
+    lines = [r.getMessage() for r in caplog.records if "samples/s" in r.getMessage()]
+    assert any(line.startswith("alpha: 16/16 samples (100%)") for line in lines), lines
+    assert any(line.startswith("beta: 8/8 samples (100%)") for line in lines), lines
+    assert all(re.search(r"[\d.]+ samples/s, \d+ tok/s, ETA \S+$", line) for line in lines), lines
