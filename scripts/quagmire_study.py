@@ -92,9 +92,10 @@ def slurm_parameters(args: argparse.Namespace) -> dict:
     params = {
         "timeout_min": args.slurm_time_min,
         "cpus_per_task": args.slurm_cpus,
-        "gpus_per_node": args.slurm_gpus,
         "slurm_setup": list(args.slurm_setup),
     }
+    if args.slurm_gpus:  # some clusters reject --gpus-per-node=0
+        params["gpus_per_node"] = args.slurm_gpus
     if args.slurm_partition:
         params["slurm_partition"] = args.slurm_partition
     if args.slurm_account:
