@@ -33,7 +33,7 @@ from nemo_quagmire.predict.analysis import label
 from nemo_quagmire.study.launchers import LocalLauncher, SubmititLauncher
 from nemo_quagmire.study.plan import STUDY_CONF_DIR, load_study_config, plan_jobs
 from nemo_quagmire.study.results import MAIN_PLOT, SUMMARY_MD, ranking_lines, summarize_study, verify_study
-from nemo_quagmire.study.runner import StageConflict, check_conflicts, run_jobs, stage_table
+from nemo_quagmire.study.runner import StageConflict, check_conflicts, cpu_seconds, run_jobs, stage_table
 from nemo_quagmire.utils.io import atomic_write
 from nemo_quagmire.utils.logging import configure_logging
 
@@ -158,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     problems = verify_study(out, cfg, jobs)
     minutes = (time.monotonic() - start) / 60
     print(f"\nStudy {out}: {len(jobs)} stages ({len(result.skipped)} done before), {minutes:.1f} min")
+    cpu, timed = cpu_seconds(out, jobs)
+    if timed:
+        print(
+            f"CPU time of {timed} stage(s): {cpu / 60:.1f} min (one core each: {args.workers} free cores "
+            f"need about {cpu / 60 / args.workers:.1f} min)"
+        )
     print("\nSFT checkpoints ranked by the predicted post-RL pass@1 (best proxy; actual = after GRPO):")
     print("\n".join(ranking_lines(summary.report_dir)))
     best = summary.best

@@ -39,6 +39,10 @@ class Running(Protocol):
         """Stop the job (the study was interrupted)."""
 
     @property
+    def cpu_seconds(self) -> float | None:
+        """CPU time the finished job used (user + system), None where the launcher cannot tell."""
+
+    @property
     def where(self) -> str:
         """Where its output goes (a log path or a cluster job id)."""
 
@@ -50,12 +54,19 @@ class Launcher(Protocol):
 class _Process:
     def __init__(self, process: subprocess.Popen, log: Path, handle: Any) -> None:
         self.process, self.log, self._handle = process, log, handle
+        self.cpu_seconds: float | None = None
 
     def poll(self) -> int | None:
-        status = self.process.poll()
-        if status is not None:
-            self._handle.close()
-        return status
+        if self.process.returncode is not None:
+            return self.process.returncode
+        # wait4 instead of Popen.poll: it also returns the CPU time of the job (its reaped children included)
+        pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        self.process.returncode = os.waitstatus_to_exitcode(status)
+        self.cpu_seconds = usage.ru_utime + usage.ru_stime
+        self._handle.close()
+        return self.process.returncode
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -90,6 +101,8 @@ class LocalLauncher:
 
 
 class _SubmititJob:
+    cpu_seconds = None  # on the cluster: sacct knows
+
     def __init__(self, job: Any) -> None:
         self.job = job
 

@@ -28,7 +28,15 @@ from nemo_quagmire.study.plan import Job
 from nemo_quagmire.utils.io import atomic_write
 from nemo_quagmire.utils.logging import get_logger
 
-__all__ = ["StageConflict", "StudyResult", "marker_path", "read_marker", "run_jobs", "stage_table"]
+__all__ = [
+    "StageConflict",
+    "StudyResult",
+    "cpu_seconds",
+    "marker_path",
+    "read_marker",
+    "run_jobs",
+    "stage_table",
+]
 
 logger = get_logger(__name__)
 
@@ -181,7 +189,15 @@ def run_jobs(study_dir: Path, jobs: Sequence[Job], launcher: Launcher, workers: 
                 done_cost += job.cost
                 busy_seconds += seconds
                 if status == 0:
-                    _write_marker(study_dir, job, state="done", finished=_now(), seconds=round(seconds, 1))
+                    cpu = None if handle.cpu_seconds is None else round(handle.cpu_seconds, 2)
+                    _write_marker(
+                        study_dir,
+                        job,
+                        state="done",
+                        finished=_now(),
+                        seconds=round(seconds, 1),
+                        cpu_seconds=cpu,
+                    )
                     finished.add(name)
                     result.done.append(name)
                     logger.info("%s finished %s in %s", progress(), name, _duration(seconds))
@@ -204,6 +220,12 @@ def run_jobs(study_dir: Path, jobs: Sequence[Job], launcher: Launcher, workers: 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def cpu_seconds(study_dir: Path, jobs: Sequence[Job]) -> tuple[float, int]:
+    """CPU seconds recorded by the done jobs' markers, and how many jobs recorded one (local jobs do)."""
+    recorded = [m["cpu_seconds"] for j in jobs if (m := read_marker(study_dir, j)) and m.get("cpu_seconds")]
+    return float(sum(recorded)), len(recorded)
 
 
 def stage_table(study_dir: Path, jobs: Sequence[Job]) -> list[str]:
