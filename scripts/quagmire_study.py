@@ -5,6 +5,7 @@
     python scripts/quagmire_study.py --quick       # CI smoke run (~2 min): the whole chain, checked
     python scripts/quagmire_study.py --variants full-1ep,half-2ep,short-1ep --sft-steps 200 --grpo-steps 20
     python scripts/quagmire_study.py --status      # the stages of a study directory
+    python scripts/quagmire_study.py --seeds 3 --report-finished   # report on the pairs finished so far
     python scripts/quagmire_study.py --launcher slurm --slurm-partition cpu --workers 16  # ".[cluster]" extra
 
 Stages (see nemo_quagmire/study/): SFT of every variant (scripts/train_sft.py, the held-out loss and pass@1
@@ -31,9 +32,16 @@ from pydantic import ValidationError
 from nemo_quagmire.config.errors import format_validation_error
 from nemo_quagmire.predict.analysis import label
 from nemo_quagmire.study.launchers import LocalLauncher, SubmititLauncher
-from nemo_quagmire.study.plan import STUDY_CONF_DIR, load_study_config, plan_jobs
+from nemo_quagmire.study.plan import STUDY_CONF_DIR, load_study_config, plan_jobs, report_job
 from nemo_quagmire.study.results import MAIN_PLOT, SUMMARY_MD, ranking_lines, summarize_study, verify_study
-from nemo_quagmire.study.runner import StageConflict, check_conflicts, cpu_seconds, run_jobs, stage_table
+from nemo_quagmire.study.runner import (
+    StageConflict,
+    check_conflicts,
+    cpu_seconds,
+    is_done,
+    run_jobs,
+    stage_table,
+)
 from nemo_quagmire.utils.io import atomic_write
 from nemo_quagmire.utils.logging import configure_logging
 
@@ -76,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=_positive, default=2, help="jobs at a time (default 2: one per core)"
     )
     parser.add_argument("--status", action="store_true", help="print the stages of the study directory, exit")
+    parser.add_argument(
+        "--report-finished",
+        action="store_true",
+        help="start no training: report on the SFT -> GRPO pairs finished so far (a study cut short)",
+    )
     cluster = parser.add_argument_group("Slurm (--launcher slurm; needs the cluster extra: submitit)")
     cluster.add_argument("--launcher", choices=("local", "slurm"), default="local")
     cluster.add_argument("--slurm-partition")
@@ -129,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.status:
         print("\n".join(stage_table(out, jobs)))
         return 0
+    if args.report_finished:
+        by_name = {job.name: job for job in jobs}
+        finished = [job for job in jobs if job.kind == "grpo" and is_done(out, job)]
+        if len(finished) < 3:
+            print(f"{out}: {len(finished)} finished SFT -> GRPO pair(s); the report needs 3", file=sys.stderr)
+            return 1
+        jobs = [*(by_name[job.after[0]] for job in finished), *finished]
+        jobs.append(report_job(cfg, out, jobs))
     try:
         check_conflicts(out, jobs)
         launcher = (

@@ -18,6 +18,7 @@ checkpoint is measured on the same held-out problems, before and after RL; the s
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,6 +37,7 @@ __all__ = [
     "Variant",
     "load_study_config",
     "plan_jobs",
+    "report_job",
     "sft_run_name",
 ]
 
@@ -193,7 +195,6 @@ def plan_jobs(cfg: StudyConfig, study_dir: Path, python: str = sys.executable) -
     """
     study_dir = study_dir.resolve()
     jobs: list[Job] = []
-    grpo_names, sft_dirs, grpo_dirs = [], [], []
     for seed in range(cfg.seeds):
         for variant in cfg.variants:
             run = sft_run_name(variant, seed)
@@ -245,30 +246,34 @@ def plan_jobs(cfg: StudyConfig, study_dir: Path, python: str = sys.executable) -
                 seed=seed,
             )
             jobs += [sft, grpo]
-            grpo_names.append(grpo.name)
-            sft_dirs.append(str(sft_dir))
-            grpo_dirs.append(str(grpo_dir))
-    report_dir = study_dir / "report"
-    jobs.append(
-        Job(
-            name="report",
-            kind="report",
-            argv=(
-                python,
-                str(SCRIPTS_DIR / "predict_report.py"),
-                "--sft-runs",
-                *sft_dirs,
-                "--rl-runs",
-                *grpo_dirs,
-                "--out",
-                str(report_dir),
-                "--bootstrap",
-                str(cfg.report_bootstrap),
-            ),
-            run_dir=report_dir,
-            after=tuple(grpo_names),
-            cost=1.0,
-            seed=cfg.seeds,
-        )
-    )
+    jobs.append(report_job(cfg, study_dir, jobs, python))
     return jobs
+
+
+def report_job(cfg: StudyConfig, study_dir: Path, jobs: Sequence[Job], python: str = sys.executable) -> Job:
+    """The predictor report over the SFT -> GRPO pairs among `jobs` (every GRPO job and the SFT job it
+    waits for), in `<study_dir>/report`."""
+    by_name = {job.name: job for job in jobs}
+    grpo = [job for job in jobs if job.kind == "grpo"]
+    sft_dirs = [str(by_name[name].run_dir) for job in grpo for name in job.after]
+    report_dir = study_dir.resolve() / "report"
+    return Job(
+        name="report",
+        kind="report",
+        argv=(
+            python,
+            str(SCRIPTS_DIR / "predict_report.py"),
+            "--sft-runs",
+            *sft_dirs,
+            "--rl-runs",
+            *(str(job.run_dir) for job in grpo),
+            "--out",
+            str(report_dir),
+            "--bootstrap",
+            str(cfg.report_bootstrap),
+        ),
+        run_dir=report_dir,
+        after=tuple(job.name for job in grpo),
+        cost=1.0,
+        seed=cfg.seeds,
+    )

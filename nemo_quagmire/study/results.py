@@ -29,7 +29,8 @@ from nemo_quagmire.predict.regression import spearman
 from nemo_quagmire.predict.report import k_curve_png
 from nemo_quagmire.predict.runs import RUN_INFO_FILE, resolve_checkpoint, validation_records
 from nemo_quagmire.predict.table import Table, read_table
-from nemo_quagmire.study.plan import Job, StudyConfig, sft_run_name
+from nemo_quagmire.study.plan import Job, StudyConfig
+from nemo_quagmire.study.runner import is_done
 from nemo_quagmire.utils.io import atomic_write
 
 __all__ = [
@@ -225,12 +226,13 @@ def ranking_lines(report_dir: Path) -> list[str]:
 
 
 def verify_study(study_dir: Path, cfg: StudyConfig, jobs: Sequence[Job]) -> list[str]:
-    """Every artefact of a finished study exists and agrees with the runs' own metrics; the problems found.
+    """Every artefact of the finished `jobs` exists and agrees with the runs' own metrics; the problems found.
 
-    Checked: each SFT run validated pass@1 ... pass@<samples> and the held-out loss at its last step and
-    saved that checkpoint; each GRPO run links to that checkpoint (run_info.json) and validated at its last
-    step; the report's table has one row per SFT run with exactly those numbers; fit.json covers every row;
-    predictions.csv ranks every row; report.html, the summary and the main plot exist.
+    Checked for each GRPO job and the SFT job it starts from: the SFT run validated pass@1 ... pass@<samples>
+    and the held-out loss at its last step, only there, and saved that checkpoint; the GRPO run links to that
+    checkpoint (run_info.json) and validated at its last step only; the report's table has one row per SFT
+    run with exactly those numbers; fit.json covers every row; predictions.csv ranks every row; every job has
+    a done marker; report.html, the summary and the main plot exist.
     """
     problems: list[str] = []
     study_dir = study_dir.resolve()
@@ -251,61 +253,55 @@ def verify_study(study_dir: Path, cfg: StudyConfig, jobs: Sequence[Job]) -> list
     table = read_table(report_dir / "table.csv", TARGET)
     rows = dict(zip(table.ids, range(len(table.ids)), strict=True))
     expected_ks = [2**i for i in range(int(math.log2(cfg.samples)) + 1)]
-    for seed in range(cfg.seeds):
-        for variant in cfg.variants:
-            run = sft_run_name(variant, seed)
-            steps = cfg.sft_steps_of(variant)
-            sft_dir, grpo_dir = study_dir / "sft" / run, study_dir / "grpo" / run
-            checkpoint = sft_dir / "checkpoints" / f"step_{steps:08d}"
-            if not (checkpoint / "checkpoint_meta.json").is_file():
-                problems.append(f"missing SFT checkpoint {checkpoint}")
-            sft_val = validation_records(sft_dir)
-            if list(sft_val) != [steps]:
-                problems.append(f"{sft_dir}: validated at steps {list(sft_val)}, expected only [{steps}]")
-                continue
-            record = sft_val[steps]
-            missing = [k for k in expected_ks if f"val/macro/pass@{k}" not in record]
-            if missing or "val/heldout_loss/token_mean" not in record:
-                problems.append(f"{sft_dir}: lacks pass@{missing} or the held-out loss at step {steps}")
-                continue
-            info = json.loads((grpo_dir / RUN_INFO_FILE).read_text(encoding="utf-8"))
-            if resolve_checkpoint(info["init_from"], grpo_dir) != (sft_dir, steps):
-                problems.append(f"{grpo_dir}: starts from {info['init_from']}, not {checkpoint}")
-            grpo_val = validation_records(grpo_dir)
-            if list(grpo_val) != [cfg.grpo_steps]:
-                problems.append(
-                    f"{grpo_dir}: validated at steps {list(grpo_val)}, expected [{cfg.grpo_steps}]"
-                )
-                continue
-            row_id = f"{run}@{steps}"
-            if row_id not in rows:
-                problems.append(f"report/table.csv has no row {row_id}")
-                continue
-            i = rows[row_id]
-            pairs = [(TARGET, table.target[i], grpo_val[cfg.grpo_steps]["val/macro/pass@1"])]
-            pairs += [
-                (f"pass@{k}", table.columns[f"pass@{k}"][i], record[f"val/macro/pass@{k}"])
-                for k in expected_ks
-            ]
-            pairs.append(
-                ("heldout_loss", table.columns["heldout_loss"][i], record["val/heldout_loss/token_mean"])
-            )
-            for column, in_table, in_run in pairs:
-                if not math.isclose(in_table, in_run, rel_tol=1e-5, abs_tol=1e-6):
-                    problems.append(f"table.csv {row_id} {column} = {in_table}, but the run logged {in_run}")
-    expected_rows = cfg.seeds * len(cfg.variants)
-    if len(table.ids) != expected_rows:
-        problems.append(f"table.csv has {len(table.ids)} rows, expected {expected_rows}")
+    by_name = {job.name: job for job in jobs}
+    pairs = [(by_name[job.after[0]], job) for job in jobs if job.kind == "grpo"]
+    for sft_job, grpo_job in pairs:
+        sft_dir, grpo_dir = sft_job.run_dir, grpo_job.run_dir
+        (load_from,) = [a.split("=", 1)[1] for a in grpo_job.argv if a.startswith("checkpoint.load_from=")]
+        checkpoint = Path(load_from)  # the SFT run's last checkpoint, as planned
+        steps = int(checkpoint.name.removeprefix("step_"))
+        if not (checkpoint / "checkpoint_meta.json").is_file():
+            problems.append(f"missing SFT checkpoint {checkpoint}")
+        sft_val = validation_records(sft_dir)
+        if list(sft_val) != [steps]:
+            problems.append(f"{sft_dir}: validated at steps {list(sft_val)}, expected only [{steps}]")
+            continue
+        record = sft_val[steps]
+        missing = [k for k in expected_ks if f"val/macro/pass@{k}" not in record]
+        if missing or "val/heldout_loss/token_mean" not in record:
+            problems.append(f"{sft_dir}: lacks pass@{missing} or the held-out loss at step {steps}")
+            continue
+        info = json.loads((grpo_dir / RUN_INFO_FILE).read_text(encoding="utf-8"))
+        if resolve_checkpoint(info["init_from"], grpo_dir) != (sft_dir, steps):
+            problems.append(f"{grpo_dir}: starts from {info['init_from']}, not {checkpoint}")
+        grpo_val = validation_records(grpo_dir)
+        if list(grpo_val) != [cfg.grpo_steps]:
+            problems.append(f"{grpo_dir}: validated at steps {list(grpo_val)}, expected [{cfg.grpo_steps}]")
+            continue
+        row_id = f"{sft_dir.name}@{steps}"
+        if row_id not in rows:
+            problems.append(f"report/table.csv has no row {row_id}")
+            continue
+        i = rows[row_id]
+        pairs_to_check = [(TARGET, table.target[i], grpo_val[cfg.grpo_steps]["val/macro/pass@1"])]
+        pairs_to_check += [
+            (f"pass@{k}", table.columns[f"pass@{k}"][i], record[f"val/macro/pass@{k}"]) for k in expected_ks
+        ]
+        pairs_to_check.append(
+            ("heldout_loss", table.columns["heldout_loss"][i], record["val/heldout_loss/token_mean"])
+        )
+        for column, in_table, in_run in pairs_to_check:
+            if not math.isclose(in_table, in_run, rel_tol=1e-5, abs_tol=1e-6):
+                problems.append(f"table.csv {row_id} {column} = {in_table}, but the run logged {in_run}")
+    if len(table.ids) != len(pairs):
+        problems.append(f"table.csv has {len(table.ids)} rows, expected {len(pairs)}")
     fits = json.loads((report_dir / "fit.json").read_text(encoding="utf-8"))
     problems += [
-        f"fit.json {f['features']}: n = {f['n']}, expected {expected_rows}"
-        for f in fits
-        if f["n"] != expected_rows
+        f"fit.json {f['features']}: n = {f['n']}, expected {len(pairs)}" for f in fits if f["n"] != len(pairs)
     ]
     predicted = [r["run"] for r in csv.DictReader((report_dir / "predictions.csv").open(encoding="utf-8"))]
     if sorted(predicted) != sorted(table.ids):
         problems.append(f"predictions.csv ranks {sorted(predicted)}, the table has {sorted(table.ids)}")
-    done = [j.name for j in jobs if not (study_dir / "stages" / f"{j.name}.json").is_file()]
-    if done:
-        problems.append(f"no stage marker for {done}")
+    if unmarked := [job.name for job in jobs if not is_done(study_dir, job)]:
+        problems.append(f"not marked done: {unmarked}")
     return problems

@@ -32,6 +32,7 @@ __all__ = [
     "StageConflict",
     "StudyResult",
     "cpu_seconds",
+    "is_done",
     "marker_path",
     "read_marker",
     "run_jobs",
@@ -89,7 +90,8 @@ def _write_marker(study_dir: Path, job: Job, **fields: Any) -> None:
         json.dump(record, handle, indent=1)
 
 
-def _is_done(study_dir: Path, job: Job) -> bool:
+def is_done(study_dir: Path, job: Job) -> bool:
+    """Whether `job` finished (a "done" marker) with the command it has now."""
     marker = read_marker(study_dir, job)
     return marker is not None and marker.get("state") == "done" and marker["command"] == list(job.argv[1:])
 
@@ -138,7 +140,7 @@ def run_jobs(study_dir: Path, jobs: Sequence[Job], launcher: Launcher, workers: 
     check_conflicts(study_dir, jobs)
     result = StudyResult()
     by_name = {job.name: job for job in jobs}
-    result.skipped = [job.name for job in jobs if _is_done(study_dir, job)]
+    result.skipped = [job.name for job in jobs if is_done(study_dir, job)]
     finished = set(result.skipped)
     pending_jobs = [job for job in jobs if job.name not in finished]
     total_cost = sum(j.cost for j in pending_jobs) or 1.0
@@ -235,7 +237,7 @@ def stage_table(study_dir: Path, jobs: Sequence[Job]) -> list[str]:
         marker = read_marker(study_dir, job)
         if marker is None:
             state = "not started"
-        elif _is_done(study_dir, job):
+        elif is_done(study_dir, job):
             state = f"done in {_duration(marker.get('seconds', 0.0))} ({marker.get('finished', '?')})"
         elif marker.get("command") != list(job.argv[1:]):
             state = "made with other settings" if job.kind != "report" else "outdated (inputs changed)"

@@ -115,6 +115,17 @@ def test_other_settings_in_the_same_directory_stop_before_anything_starts(quick_
     assert "holds runs made with other settings (4 job(s))" in err and "max_steps=4" in err
 
 
+@pytest.mark.slow
+def test_a_study_cut_short_reports_on_its_finished_pairs(quick_study, capsys, tmp_path):
+    out = quick_study[0]
+    # Seed 1 never ran: the report covers seed 0's four pairs (the same report as the finished 1-seed study).
+    assert quagmire_study.main(["--quick", "--out", str(out), "--seeds", "2", "--report-finished"]) == 0
+    stdout = capsys.readouterr().out
+    assert "9 stages (9 done before)" in stdout and "Every artefact present and consistent" in stdout
+    assert quagmire_study.main(["--quick", "--out", str(tmp_path), "--report-finished"]) == 1
+    assert "0 finished SFT -> GRPO pair(s); the report needs 3" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
