@@ -156,6 +156,17 @@ def _with_interval(fit: dict[str, Any], key: str) -> str:
     return f"{_fmt(fit[key])} [{_fmt(low)}, {_fmt(high)}]"
 
 
+def _feature_keys(summary: StudySummary) -> list[str]:
+    """The proxies' columns of the per-variant table: pass@k by k, then the held-out loss."""
+    keys = [k for k in summary.variants[0] if pass_at_k_of(k) is not None or k == "heldout_loss"]
+    return sorted(keys, key=lambda k: (pass_at_k_of(k) is None, pass_at_k_of(k) or 0))
+
+
+def _mean_std(row: dict[str, Any], key: str) -> str:
+    std = row[f"{key}_std"]
+    return f"{_fmt(row[key], 3)}" + ("" if std is None else f" ± {_fmt(std, 3)}")
+
+
 def summary_markdown(summary: StudySummary, table: Table) -> str:
     """The study's tables in Markdown (summary.md; the README's result section quotes it)."""
     n = summary.best["n"]
@@ -178,19 +189,14 @@ def summary_markdown(summary: StudySummary, table: Table) -> str:
         "",
         f"Best feature set (highest LOO R²): {label(summary.best['features'])}.",
         "",
-        "| variant | what it stands for | seeds | post-RL pass@1 | SFT pass@1 | "
-        + " | ".join(f for f in summary.variants[0] if f.startswith(("pass@", "heldout")) and "_std" not in f)
+        "| variant | what it stands for | seeds | post-RL pass@1 | "
+        + " | ".join(label([f]) for f in _feature_keys(summary))
         + " |",
+        "|---|---|---|---|" + "---|" * len(_feature_keys(summary)),
     ]
-    feature_keys = [f for f in summary.variants[0] if f.startswith(("pass@", "heldout")) and "_std" not in f]
-    lines.append("|---|---|---|---|---|" + "---|" * len(feature_keys))
     for row in summary.variants:
-        cells = [f"{_fmt(row[f], 3)} ± {_fmt(row[f + '_std'], 3)}" for f in feature_keys]
-        lines.append(
-            f"| {row['variant']} | {row['contrast']} | {row['seeds']} | "
-            f"{_fmt(row[TARGET], 3)} ± {_fmt(row[TARGET + '_std'], 3)} | "
-            f"{_fmt(row['pass@1'], 3)} | " + " | ".join(cells) + " |"
-        )
+        cells = [_mean_std(row, f) for f in (TARGET, *_feature_keys(summary))]
+        lines.append(f"| {row['variant']} | {row['contrast']} | {row['seeds']} | " + " | ".join(cells) + " |")
     noise = summary.noise
     lines += [
         "",
