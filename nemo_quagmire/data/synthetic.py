@@ -35,6 +35,11 @@ Splits: every problem belongs to exactly one split, decided by a hash of the pro
 not by the seed or the draw order, so train SFT, RL prompts and held-out never share a problem for any seeds
 or sizes; `a+b` and `b+a` (likewise `a*d` and `d*a`) count as the same problem. Generation is deterministic
 given (config, seed, split, count), with an independent random stream per split.
+
+Two knobs serve the SFT-variant study (`nemo_quagmire.study`): `sft_max_digits` draws the SFT split from
+shorter problems only (short traces) while RL prompts and held-out problems keep the full range, so every
+variant is measured on the same held-out problems; `seed` fixes the problem draw apart from the run's
+(training) seed, so a study's seeds replicate training on the same data.
 """
 
 from __future__ import annotations
@@ -121,12 +126,30 @@ class SyntheticTaskConfig(BaseModel):
         description="Share of all problems (by hash) reserved for the held-out split (held-out loss and "
         "pass@k). The rest is the SFT split.",
     )
+    sft_max_digits: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_DIGITS,
+        description="Most digits of an operand in the SFT split only (short traces only, the paper's "
+        "'short examples' contrast); the RL and held-out splits keep max_digits. None = max_digits.",
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        description="Seed of the problem draw (all splits); None = the run's seed. Fixing it lets runs with "
+        "other training seeds share their SFT data, RL prompts and held-out problems (a study's seeds).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SyntheticTaskConfig:
         if self.min_digits > self.max_digits:
             raise ValueError(
                 f"min_digits={self.min_digits} > max_digits={self.max_digits}: set min_digits <= max_digits"
+            )
+        if self.sft_max_digits is not None and not self.min_digits <= self.sft_max_digits <= self.max_digits:
+            raise ValueError(
+                f"sft_max_digits={self.sft_max_digits} is outside [min_digits, max_digits] = "
+                f"[{self.min_digits}, {self.max_digits}]: set it in that range, or None for max_digits"
             )
         if len(set(self.operations)) != len(self.operations):
             raise ValueError(f"operations={self.operations} lists an operation twice; list each once")
@@ -253,18 +276,20 @@ def assign_split(problem: ArithmeticProblem, config: SyntheticTaskConfig) -> Spl
     return "sft"
 
 
-def _sample_operand(rng: np.random.Generator, config: SyntheticTaskConfig) -> int:
-    digits = int(rng.integers(config.min_digits, config.max_digits + 1))
+def _sample_operand(rng: np.random.Generator, config: SyntheticTaskConfig, max_digits: int) -> int:
+    digits = int(rng.integers(config.min_digits, max_digits + 1))
     low = 0 if digits == 1 else 10 ** (digits - 1)
     return int(rng.integers(low, 10**digits))
 
 
-def _sample_problem(rng: np.random.Generator, config: SyntheticTaskConfig) -> ArithmeticProblem:
+def _sample_problem(
+    rng: np.random.Generator, config: SyntheticTaskConfig, max_digits: int
+) -> ArithmeticProblem:
     operation = config.operations[int(rng.integers(len(config.operations)))]
-    a = _sample_operand(rng, config)
+    a = _sample_operand(rng, config, max_digits)
     if operation == "mul":
         return ArithmeticProblem("mul", a, int(rng.integers(_MULTIPLIERS[0], _MULTIPLIERS[1] + 1)))
-    b = _sample_operand(rng, config)
+    b = _sample_operand(rng, config, max_digits)
     if operation == "sub" and a < b:
         a, b = b, a
     return ArithmeticProblem(operation, a, b)
@@ -276,7 +301,8 @@ def generate_problems(
     """`num` distinct problems of `split`, drawn from `config`'s distribution with the stream (seed, split).
 
     Draws problems and keeps those whose hash puts them in `split` (so each split follows the same
-    distribution), skipping repeats.
+    distribution), skipping repeats. The SFT split draws operands of at most `config.sft_max_digits` digits
+    when that is set.
 
     Raises:
         ValueError: `split`, `num` or `seed` is invalid, or the problem space of `config` has too few
@@ -292,19 +318,20 @@ def generate_problems(
     rl, heldout = config.rl_fraction, config.heldout_fraction
     share = {"sft": 1.0 - rl - heldout, "rl": rl, "heldout": heldout}[split]
     max_draws = int(20 * num / share) + 10_000  # 20x the draws the split's share needs, without repeats
+    max_digits = config.sft_max_digits if split == "sft" and config.sft_max_digits else config.max_digits
     problems: list[ArithmeticProblem] = []
     seen: set[str] = set()
     for _ in range(max_draws):
         if len(problems) == num:
             break
-        problem = _sample_problem(rng, config)
+        problem = _sample_problem(rng, config, max_digits)
         if problem.key not in seen and assign_split(problem, config) == split:
             seen.add(problem.key)
             problems.append(problem)
     if len(problems) < num:
         raise ValueError(
             f"found only {len(problems)} distinct {split!r} problems of the {num} requested in {max_draws} "
-            f"draws: digits {config.min_digits}..{config.max_digits} with operations {config.operations} "
+            f"draws: digits {config.min_digits}..{max_digits} with operations {config.operations} "
             "have too few; raise max_digits, add operations, or ask for fewer problems"
         )
     return problems
@@ -355,7 +382,9 @@ class SyntheticSplits:
 def generate_splits(
     config: SyntheticTaskConfig, *, seed: int, num_sft: int, num_rl: int, num_heldout: int
 ) -> SyntheticSplits:
-    """All three splits; each depends only on (config, seed, its own count), never on the other counts."""
+    """All three splits; each depends only on (config, seed, its own count), never on the other counts.
+    `config.seed`, when set, replaces `seed` (the run's)."""
+    seed = seed if config.seed is None else config.seed
     return SyntheticSplits(
         config=config,
         seed=seed,

@@ -8,7 +8,8 @@ details; everything around it is here, once, so the two runs behave the same whe
   for GRPO) unless resuming, create optimizer and LR scheduler, and resume from the newest intact
   checkpoint of `<run_dir>/checkpoints` (weights, optimizer, scheduler, RNG states and the trainer's own
   state; a damaged newer one is named and skipped), so a resumed run repeats the uninterrupted one exactly;
-- the loop (`fit`): validate at the start (not after a resume: that validation is already logged), then
+- the loop (`fit`): validate at the start (unless `validation.at_start` is off, and not after a resume: that
+  validation is already logged), then
   train, validating every `validation.interval` steps and at the end and checkpointing every
   `checkpoint.interval` steps and at the end (keeping the newest `checkpoint.keep_last`), with a progress
   bar on rank 0 and every metric in metrics.jsonl (`MetricsLogger`); on SIGTERM, a checkpoint after the
@@ -207,7 +208,7 @@ class RunLoop:
         last: dict[str, float] = {}
         try:
             self.callbacks.on_train_start(self.policy_handle())
-            if resumed_step is None:
+            if resumed_step is None and cfg.validation.at_start:
                 self._validate()
             progress = progress_bar(
                 self.max_steps, self.progress_label, cfg.logging.progress_bar, initial=self.step

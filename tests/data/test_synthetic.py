@@ -204,6 +204,25 @@ def test_a_split_too_small_for_the_request_is_an_error():
         generate_problems(config, "heldout", 50, seed=0)
 
 
+def test_short_sft_traces_leave_rl_and_heldout_unchanged():
+    short = SyntheticTaskConfig(sft_max_digits=2)
+    drawn = generate_problems(short, "sft", 500, seed=0)
+    assert {max(len(str(p.a)), len(str(p.b))) for p in drawn} == {2}
+    assert max(len(p.response) for p in drawn) <= max_response_chars(SyntheticTaskConfig(max_digits=2))
+    assert all(assign_split(p, short) == "sft" for p in drawn)
+    for split in ("rl", "heldout"):
+        assert generate_problems(short, split, 50, seed=0) == generate_problems(DEFAULT, split, 50, seed=0)
+
+
+def test_a_fixed_problem_seed_replaces_the_runs_seed():
+    fixed = SyntheticTaskConfig(seed=7)
+    a = generate_splits(fixed, seed=1, num_sft=20, num_rl=5, num_heldout=5)
+    b = generate_splits(fixed, seed=2, num_sft=20, num_rl=5, num_heldout=5)
+    assert a == b and a.seed == 7
+    assert a.heldout == generate_splits(DEFAULT, seed=7, num_sft=1, num_rl=1, num_heldout=5).heldout
+    assert generate_splits(DEFAULT, seed=1, num_sft=20, num_rl=5, num_heldout=5).sft != a.sft
+
+
 @pytest.mark.parametrize(
     ("split", "num", "seed", "message"),
     [("test", 1, 0, "unknown split"), ("rl", -1, 0, "must be >= 0"), ("rl", 1, -1, "seed must be >= 0")],
@@ -265,6 +284,9 @@ def test_default_lengths_are_short_and_fit_the_tiny_model():
         ({"rl_fraction": 0.6, "heldout_fraction": 0.4}, "leaves no problems for SFT"),
         ({"rl_fraction": 0.0}, "greater than 0"),
         ({"max_digit": 3}, "Extra inputs are not permitted"),
+        ({"sft_max_digits": 5}, r"sft_max_digits=5 is outside \[min_digits, max_digits\] = \[2, 4\]"),
+        ({"sft_max_digits": 1}, "sft_max_digits=1 is outside"),
+        ({"seed": -1}, "greater than or equal to 0"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):

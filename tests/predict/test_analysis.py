@@ -114,7 +114,7 @@ def test_example_table_numbers_and_summary():
     labelled = table.labelled
     y = np.asarray(table.target)[labelled]
     records = {tuple(r["features"]): r for r in fit_records(analysis)}
-    assert len(records) == 9  # 7 pass@k + heldout_loss + heldout_loss & pass@64
+    assert len(records) == len(table.columns) + 1  # each feature alone, and heldout_loss + pass@<max k>
     for k in (1, 64):
         x = np.asarray(table.columns[f"pass@{k}"])[labelled]
         ref = stats.linregress(x, y)
@@ -123,16 +123,18 @@ def test_example_table_numbers_and_summary():
         assert record["intercept"] == pytest.approx(ref.intercept)
         assert record["r2"] == pytest.approx(ref.rvalue**2)
         assert record["feature_spearman"][f"pass@{k}"] == pytest.approx(stats.spearmanr(x, y).statistic)
-    # the shape the example was made to show: pass@1 ranks the checkpoints backwards, pass@64 well
-    assert records[("pass@1",)]["feature_spearman"]["pass@1"] < 0 < records[("pass@1",)]["spearman"]
-    assert records[("pass@64",)]["r2_loo"] > 0.9 > 0 > records[("pass@1",)]["r2_loo"]
+    loss = np.asarray(table.columns["heldout_loss"])[labelled]
+    assert records[("heldout_loss",)]["feature_spearman"]["heldout_loss"] == pytest.approx(
+        stats.spearmanr(loss, y).statistic
+    )
     summary = summarize(analysis)
     assert summary[0].startswith(f"{label(analysis.best.features)[0].upper()}")
     assert f"leave-one-out R^2 {analysis.best.r2_loo:.2f}" in summary[0]
-    assert "Pre-RL pass@1 alone (the SFT score) is a poor predictor" in summary[1]
-    assert "optimistic" in summary[2]
+    if analysis.best.features != ("pass@1",):
+        assert "Pre-RL pass@1 alone (the SFT score) is a" in summary[1]
+    assert "optimistic" in summary[-2]
     top = analysis.candidate_ranks().index(1)
-    assert summary[3].startswith(f"Top candidate: {table.ids[top]}")
+    assert summary[-1].startswith(f"Top candidate: {table.ids[top]}")
 
 
 def test_fit_records_follow_the_documented_schema():

@@ -50,7 +50,9 @@ def test_page_shows_the_analysis(example_page):
             assert (
                 f'<td class="name">{table.ids[i]}</td><td>{rank}</td><td>{best.predicted[i]:.4f}</td>' in page
             )
-    assert page.count("<tr") == 1 + 4 + 1 + 9 + 1 + 6  # candidates, feature sets, labelled rows (+ headers)
+    candidates = int((~table.labelled).sum())
+    # candidates, feature sets, labelled rows (each table with its header row)
+    assert page.count("<tr") == 1 + candidates + 1 + len(analysis.fits) + 1 + (len(table.ids) - candidates)
     assert 'class="warning"' not in page
 
 

@@ -93,6 +93,14 @@ def test_a_resumed_run_repeats_the_uninterrupted_one(straight, tmp_path):
     assert _deterministic(read_metrics(tmp_path / "metrics.jsonl")) == _deterministic(expected)
 
 
+def test_validation_at_start_can_be_skipped(tmp_path, megatron_world1):
+    recorder = Recorder()
+    cfg = sft_run(tmp_path, sft={"max_steps": 2}, validation={"at_start": False})
+    build_sft_trainer(cfg, extra_callbacks=[recorder]).fit()
+    assert recorder.events[:3] == ["start@0", "step@1", "step@2"] and "validation@2" in recorder.events
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "val/macro/pass@1" in r] == [2]
+
+
 def test_grpo_starts_from_the_sft_checkpoint(straight, tmp_path):
     """The GRPO run's first validation sees the SFT run's last weights: the same held-out loss."""
     run_dir, _, sft_records = straight
