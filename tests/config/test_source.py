@@ -24,6 +24,7 @@ from nemo_quagmire.config.source import (
 )
 from nemo_quagmire.data.tokenizer import CharTokenizer
 from nemo_quagmire.megatron.hf import model_config_from_hf
+from tests.checkpoint_meta import write_checkpoint_meta
 from tests.hf_models import RMS_NORM_EPS_FLOAT32
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -152,24 +153,10 @@ def test_a_run_dir_describes_its_model_as_an_hf_directory_without_weights(tiny_c
 
     # A checkpoint of that run reads back as a source: its model, its step, the run's tokenizer.
     checkpoint = run_dir / "checkpoints" / "step_00000007"
-    checkpoint.mkdir(parents=True)
-    meta = _checkpoint_meta(7, source.model)
-    (checkpoint / "checkpoint_meta.json").write_text(json.dumps(meta))
+    write_checkpoint_meta(checkpoint, 7, source.model)
     again = read_checkpoint_source(checkpoint)
     assert (again.kind, again.step, again.model) == ("run", 7, source.model)
     assert again.hf_tokenizer_dir == model_dir and again.hf_config_file == model_dir / "config.json"
-
-
-def _checkpoint_meta(step, model):
-    """The metadata keys every checkpoint of this project has (megatron.checkpoint.read_checkpoint_meta)."""
-    return {
-        "format_version": 2,
-        "step": step,
-        "model_config": model.model_dump(mode="json"),
-        "layout": {"tp": 1, "pp": 1, "dp": 1},
-        "has_optimizer": False,
-        "optimizer_metadata": None,
-    }
 
 
 def test_a_synthetic_run_dir_keeps_the_character_tokenizer_and_a_llama_config(tmp_path):
@@ -182,9 +169,7 @@ def test_a_synthetic_run_dir_keeps_the_character_tokenizer_and_a_llama_config(tm
     assert generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     # Math prompts need an HF tokenizer: a source without one (this run's) is refused, naming the fix.
     checkpoint = tmp_path / "checkpoints" / "step_00000001"
-    checkpoint.mkdir(parents=True)
-    meta = _checkpoint_meta(1, model)
-    (checkpoint / "checkpoint_meta.json").write_text(json.dumps(meta))
+    write_checkpoint_meta(checkpoint, 1, model)
     with pytest.raises(CheckpointSourceError, match="has none .* set data.tokenizer"):
         resolve_run_config({"checkpoint": {"load_from": str(checkpoint)}, "data": {"task": "jsonl"}})
 

@@ -203,7 +203,7 @@ def test_train_grpo_stops_with_exit_2_before_anything_starts_without_vllm(tmp_pa
         timeout=300,
     )
     assert process.returncode == 2, process.stderr[-3000:]
-    assert "invalid GRPO config: rollout.engine=vllm runs vLLM under" in process.stderr
+    assert "rollout: rollout.engine=vllm runs vLLM under" in process.stderr
     assert "Traceback" not in process.stderr
     assert not (run_dir / "rollout_weights").exists() and not (run_dir / "logs").exists()
 

@@ -4,10 +4,10 @@ checked in test_hf_checkpoints.py: bitwise round trip, transformers; and in the 
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 from nemo_quagmire.config.model import get_model_preset
+from tests.checkpoint_meta import write_checkpoint_meta
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("export_hf", REPO / "scripts" / "export_hf.py")
@@ -17,11 +17,7 @@ _spec.loader.exec_module(export_hf)
 
 def _checkpoint(run_dir: Path) -> Path:
     """A checkpoint as far as the input checks read it (its meta file), in a run dir without model/."""
-    path = run_dir / "checkpoints" / "step_00000003"
-    path.mkdir(parents=True)
-    meta = {"step": 3, "model_config": get_model_preset("tiny").model_dump(mode="json")}
-    (path / "checkpoint_meta.json").write_text(json.dumps(meta))
-    return path
+    return write_checkpoint_meta(run_dir / "checkpoints" / "step_00000003", 3, get_model_preset("tiny"))
 
 
 def test_bad_input_exits_2_and_writes_nothing(tiny_chat_model, tmp_path, capsys):
