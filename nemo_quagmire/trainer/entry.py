@@ -8,8 +8,9 @@ after a checkpoint (Slurm pre-emption; resubmit the same command to continue).
 Order, so that a bad input costs seconds and leaves nothing behind: Hydra composes the config (writing
 nothing: conf/grpo_base.yaml and conf/sft/sft_base.yaml turn off its output directory and log file),
 pydantic validates it, a dry run plans it; a real run goes
-through `preflight` (paths, layout, writability), and only then is the run directory created, the composed
-config recorded in `<run_dir>/.hydra/` and the log mirrored to `<run_dir>/<script>.log`.
+through `preflight` (paths, layout, writability) and the trainer is built (its data files read and
+checked); only then is the run directory created, the composed config recorded in `<run_dir>/.hydra/` and
+the log mirrored to `<run_dir>/<script>.log`.
 """
 
 from __future__ import annotations
@@ -127,11 +128,17 @@ def plan_or_train(
     from nemo_quagmire.utils.logging import global_rank
 
     preflight(cfg)
-    if record is not None and global_rank() == 0:
-        record(Path(cfg.run_dir))
     try:
         with parallel_context(cfg.model, cfg.parallel, seed=cfg.seed):
-            build(cfg).fit()
+            try:  # reads and checks the data files and tokenizer against the config; writes nothing
+                trainer = build(cfg)
+            except InputError:
+                raise
+            except ValueError as error:  # the builders' checks of config against data
+                raise InputError(f"invalid {what}: {error}") from None
+            if record is not None and global_rank() == 0:
+                record(Path(cfg.run_dir))
+            trainer.fit()
     except Preempted as stop:
         logging.getLogger(__name__).warning("%s", stop)
         return EXIT_PREEMPTED

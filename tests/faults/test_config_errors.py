@@ -60,6 +60,16 @@ CASES = {
         ["validation.benchmarks=[synthetic,aime24]", "validation.benchmarks_dir={tmp}/nope"],
         ["validation.benchmarks lists ['aime24']"],  # the char tokenizer cannot encode it: config time
     ),
+    "SFT warm-up with a jsonl task": (
+        [
+            "data.task=jsonl",
+            "data.train_file={tmp}/random.bin",
+            "data.tokenizer={tmp}",
+            "validation.benchmarks=[]",
+            "validation.heldout_loss=false",
+        ],
+        ["sft_warmup applies to the synthetic task only"],
+    ),
     "unknown key (Hydra)": (["grpo.bogus=1"], ["Could not override 'grpo.bogus'"]),
     "unknown appended key (pydantic)": (["+grpo.bogus=1"], ["grpo.bogus", "unknown key"]),
     "override grammar error (Hydra)": (["max_steps=["], ["no viable alternative"]),
