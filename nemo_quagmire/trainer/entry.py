@@ -84,20 +84,14 @@ def _without_traceback(text: str) -> str:
 
 def _run(raw: Any, schema: type, *, plan: Callable, build: Callable, what: str) -> int:
     from omegaconf import OmegaConf
-    from pydantic import ValidationError
 
-    from nemo_quagmire.config.errors import format_validation_error
+    from nemo_quagmire.config.errors import validate_config
     from nemo_quagmire.utils.logging import configure_logging
 
     configure_logging()
     container = OmegaConf.to_container(raw, resolve=True)
     container.pop("hydra", None)
-    try:
-        cfg = schema.model_validate(container)
-    except ValidationError as error:
-        raise InputError(format_validation_error(error, what)) from None
-    except (ValueError, KeyError) as error:  # e.g. an unknown model preset
-        raise InputError(f"invalid {what}: {error}") from None
+    cfg = validate_config(schema, container, what)
     return plan_or_train(cfg, plan=plan, build=build, what=what, record=lambda run_dir: _record(raw, run_dir))
 
 
