@@ -164,7 +164,10 @@ def model_config_of(checkpoint: Path) -> tuple[Any, int]:
         meta = read_checkpoint_meta(checkpoint)
         return ModelConfig.model_validate(meta["model_config"]), int(meta["step"])
     if (checkpoint / "config.json").is_file():
-        return model_config_from_hf(checkpoint), 0
+        try:
+            return model_config_from_hf(checkpoint), 0
+        except (ValueError, KeyError, OSError) as error:  # an unreadable or unsupported config.json
+            raise InputError(f"{checkpoint / 'config.json'}: {error}") from None
     raise InputError(
         f"{checkpoint} is neither a checkpoint of this project ({META_FILE}) nor an HF dir (config.json)"
     )
