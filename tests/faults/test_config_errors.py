@@ -52,6 +52,10 @@ CASES = {
         ["checkpoint.load_from={tmp}"],
         ["neither a checkpoint", "nor an HF"],
     ),
+    "load_from with a garbage HF config": (
+        ["checkpoint.load_from={tmp}/hf"],
+        ["config.json is not a readable JSON"],
+    ),
     "load_from with garbage metadata": (
         ["checkpoint.load_from={tmp}/ckpt/step_00000010"],
         ["checkpoint_meta.json is unreadable"],
@@ -81,6 +85,8 @@ CASES = {
 def test_grpo_config_errors_exit_2_early_and_write_nothing(tmp_path, capsys, case):
     overrides, messages = CASES[case]
     (tmp_path / "random.bin").write_bytes(b"\x00\x01garbage")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{garbage")
     _garbage_checkpoint(tmp_path)
     before = tree(tmp_path)
     code = _train("train_grpo", tmp_path / "run", *(o.format(tmp=tmp_path) for o in overrides))
