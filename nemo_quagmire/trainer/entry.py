@@ -62,11 +62,12 @@ def hydra_entry(
         if started:  # a bug inside the task: Hydra printed its traceback
             raise
         # Hydra's own errors (unknown key, bad YAML, missing config): its message, exit 2.
-        console.write(_without_traceback(held.getvalue()))
         return EXIT_INPUT_ERROR if error.code == 1 else int(error.code or 0)
     finally:
         sys.argv = saved_argv
         sys.stderr = console
+        if not started:
+            console.write(_without_traceback(held.getvalue()))
     return exit_code[0] if exit_code else 0  # no task run: --help, --cfg
 
 
