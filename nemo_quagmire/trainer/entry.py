@@ -153,6 +153,6 @@ def _record(raw: Any, run_dir: Path) -> None:
         handle.write(OmegaConf.to_yaml(raw))
     with atomic_write(run_dir / ".hydra" / "overrides.yaml") as handle:
         handle.write(OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))))
-    log_file = logging.FileHandler(run_dir / f"{Path(sys.argv[0]).stem}.log")  # e.g. train_grpo.log
+    log_file = logging.FileHandler(run_dir / f"{hydra_cfg.job.name}.log")  # train_grpo.log, train_sft.log
     log_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(log_file)
