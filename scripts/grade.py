@@ -59,7 +59,7 @@ def read_samples(path: Path, benchmarks_dir: Path) -> tuple[list[dict], list[Pro
         InputError: listing each bad line as `file:line: problem` (the first `MAX_REPORTED_ERRORS`).
     """
     if not path.is_file():
-        raise InputError(f"samples file {path} does not exist")
+        raise InputError(f"samples file {path} does not exist or is not a file")
     benchmarks: dict[str, dict[str, Problem] | str] = {}  # name -> problems by id, or why it cannot load
     records: list[dict] = []
     problems: list[Problem] = []

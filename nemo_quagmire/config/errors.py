@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+
+from nemo_quagmire.utils.errors import InputError
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -28,12 +29,12 @@ def format_validation_error(error: ValidationError, source: str = "config") -> s
     return "\n".join(lines)
 
 
-def validate_or_exit(schema: type[ConfigT], container: Any, source: str) -> ConfigT:
-    """`schema.model_validate(container)`, or the problems on stderr and exit code 2 (entry points)."""
+def validate_config(schema: type[ConfigT], container: Any, source: str) -> ConfigT:
+    """`schema.model_validate(container)`, or an `InputError` listing every problem (exit code 2 in the
+    scripts, see `nemo_quagmire.utils.errors`)."""
     try:
         return schema.model_validate(container)
     except ValidationError as error:
-        print(format_validation_error(error, source), file=sys.stderr)
+        raise InputError(format_validation_error(error, source)) from None
     except (ValueError, KeyError) as error:  # e.g. an unknown model preset
-        print(f"invalid {source}: {error}", file=sys.stderr)
-    raise SystemExit(2)
+        raise InputError(f"invalid {source}: {error}") from None

@@ -255,6 +255,11 @@ class GRPORunConfig(_Config):
                 f"{self.parallel.pipeline_model_parallel_size}); set rollout.engine=vllm (the policy's "
                 "weights are pushed to vLLM after every update) or parallel.pipeline_model_parallel_size=1"
             )
+        if self.data.task == "jsonl" and self.sft_warmup.steps:
+            raise ValueError(
+                "sft_warmup applies to the synthetic task only; with data.task=jsonl start from an SFT "
+                "checkpoint (checkpoint.load_from) and set sft_warmup.steps=0"
+            )
         if self.validation.heldout_source_missing(synthetic_task=self.data.task == "synthetic"):
             raise ValueError(HELDOUT_MISSING)
         self.validation.check_benchmarks_encodable(synthetic_task=self.data.task == "synthetic")

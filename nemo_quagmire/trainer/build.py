@@ -68,11 +68,6 @@ def build_grpo_trainer(cfg: GRPORunConfig, extra_callbacks: Sequence[Callback] =
 
 def _build_math_trainer(cfg: GRPORunConfig, extra_callbacks: Sequence[Callback]) -> GRPOTrainer:
     """Math RL prompts from `data.train_file` (benchmark schema), tokenized by the checkpoint's tokenizer."""
-    if cfg.sft_warmup.steps:
-        raise ValueError(
-            "sft_warmup applies to the synthetic task only; with data.task=jsonl start from an SFT "
-            "checkpoint (checkpoint.load_from) and set sft_warmup.steps=0"
-        )
     tokenizer = _hf_tokenizer(cfg.data.tokenizer, cfg.model)
     prompt_ids = math_prompt_fn(cfg.data.prompt_template, tokenizer)
     problems = parse_benchmark(cfg.data.train_file, "train")

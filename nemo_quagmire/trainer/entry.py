@@ -8,8 +8,9 @@ after a checkpoint (Slurm pre-emption; resubmit the same command to continue).
 Order, so that a bad input costs seconds and leaves nothing behind: Hydra composes the config (writing
 nothing: conf/grpo_base.yaml and conf/sft/sft_base.yaml turn off its output directory and log file),
 pydantic validates it, a dry run plans it; a real run goes
-through `preflight` (paths, layout, writability), and only then is the run directory created, the composed
-config recorded in `<run_dir>/.hydra/` and the log mirrored to `<run_dir>/<script>.log`.
+through `preflight` (paths, layout, writability) and the trainer is built (its data files read and
+checked); only then is the run directory created, the composed config recorded in `<run_dir>/.hydra/` and
+the log mirrored to `<run_dir>/<script>.log`.
 """
 
 from __future__ import annotations
@@ -61,11 +62,12 @@ def hydra_entry(
         if started:  # a bug inside the task: Hydra printed its traceback
             raise
         # Hydra's own errors (unknown key, bad YAML, missing config): its message, exit 2.
-        console.write(_without_traceback(held.getvalue()))
         return EXIT_INPUT_ERROR if error.code == 1 else int(error.code or 0)
     finally:
         sys.argv = saved_argv
         sys.stderr = console
+        if not started:
+            console.write(_without_traceback(held.getvalue()))
     return exit_code[0] if exit_code else 0  # no task run: --help, --cfg
 
 
@@ -84,9 +86,8 @@ def _without_traceback(text: str) -> str:
 def _run(raw: Any, schema: type, *, plan: Callable, build: Callable, what: str) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
-    from pydantic import ValidationError
 
-    from nemo_quagmire.config.errors import format_validation_error
+    from nemo_quagmire.config.errors import validate_config
     from nemo_quagmire.config.source import CheckpointSourceError, resolve_run_config
     from nemo_quagmire.utils.logging import configure_logging
 
@@ -97,12 +98,7 @@ def _run(raw: Any, schema: type, *, plan: Callable, build: Callable, what: str) 
         container = resolve_run_config(container, HydraConfig.get().overrides.task)
     except CheckpointSourceError as error:
         raise InputError(f"invalid {what}: {error}") from None
-    try:
-        cfg = schema.model_validate(container)
-    except ValidationError as error:
-        raise InputError(format_validation_error(error, what)) from None
-    except (ValueError, KeyError) as error:  # e.g. an unknown model preset
-        raise InputError(f"invalid {what}: {error}") from None
+    cfg = validate_config(schema, container, what)
     return plan_or_train(cfg, plan=plan, build=build, what=what, record=lambda run_dir: _record(raw, run_dir))
 
 
@@ -133,11 +129,17 @@ def plan_or_train(
     from nemo_quagmire.utils.logging import global_rank
 
     preflight(cfg)
-    if record is not None and global_rank() == 0:
-        record(Path(cfg.run_dir))
     try:
         with parallel_context(cfg.model, cfg.parallel, seed=cfg.seed):
-            build(cfg).fit()
+            try:  # reads and checks the data files and tokenizer against the config; writes nothing
+                trainer = build(cfg)
+            except InputError:
+                raise
+            except ValueError as error:  # the builders' checks of config against data
+                raise InputError(f"invalid {what}: {error}") from None
+            if record is not None and global_rank() == 0:
+                record(Path(cfg.run_dir))
+            trainer.fit()
     except Preempted as stop:
         logging.getLogger(__name__).warning("%s", stop)
         return EXIT_PREEMPTED
@@ -157,6 +159,6 @@ def _record(raw: Any, run_dir: Path) -> None:
         handle.write(OmegaConf.to_yaml(raw))
     with atomic_write(run_dir / ".hydra" / "overrides.yaml") as handle:
         handle.write(OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))))
-    log_file = logging.FileHandler(run_dir / f"{Path(sys.argv[0]).stem}.log")  # e.g. train_grpo.log
+    log_file = logging.FileHandler(run_dir / f"{hydra_cfg.job.name}.log")  # train_grpo.log, train_sft.log
     log_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(log_file)

@@ -105,10 +105,10 @@ def _initial_weights_problems(cfg: Any) -> list[str]:
         return [f"{where}: no such directory (an HF model directory or a checkpoint step_N directory)"]
     if (path / "config.json").is_file() and not (path / META_FILE).is_file():
         try:  # an HF directory: the HF importer reads its config and weights in full
-            json.loads((path / "config.json").read_text(encoding="utf-8"))
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             return [f"{where}: {path / 'config.json'} is not a readable JSON file ({err})"]
-        return []
+        return [] if isinstance(config, dict) else [f"{where}: {path / 'config.json'} is not a JSON object"]
     if not (path / META_FILE).is_file():
         return [
             f"{where}: neither a checkpoint of this project ({META_FILE}) nor an HF directory (config.json)"

@@ -155,3 +155,14 @@ def test_a_real_full_tmpfs_during_a_save(trainer, tmpfs):
         _save(trainer, directory, 1)
     assert info.value.errno == errno.ENOSPC and "step_00000001" in str(info.value)
     assert tree(directory) == []
+
+
+@pytest.mark.parametrize("content", ["{garbage", "[1, 2]", "{}"])
+def test_evaluate_refuses_an_hf_directory_with_a_bad_config(tmp_path, capsys, content):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(content)
+    argv = ["--checkpoint", str(hf), "--benchmarks", "synthetic", "--out", str(tmp_path / "out")]
+    assert load_script("evaluate").main([*argv, "--grader-workers", "1", "--tokenizer", str(hf)]) == 2
+    err = capsys.readouterr().err
+    assert f"{hf / 'config.json'}" in err and "Traceback" not in err and not (tmp_path / "out").exists()

@@ -52,6 +52,10 @@ CASES = {
         ["checkpoint.load_from={tmp}"],
         ["neither a checkpoint", "nor an HF"],
     ),
+    "load_from with a garbage HF config": (
+        ["checkpoint.load_from={tmp}/hf"],
+        ["config.json is not a readable JSON"],
+    ),
     "load_from with garbage metadata": (
         ["checkpoint.load_from={tmp}/ckpt/step_00000010"],
         ["checkpoint_meta.json is unreadable"],
@@ -59,6 +63,16 @@ CASES = {
     "missing benchmarks_dir": (
         ["validation.benchmarks=[synthetic,aime24]", "validation.benchmarks_dir={tmp}/nope"],
         ["validation.benchmarks lists ['aime24']"],  # the char tokenizer cannot encode it: config time
+    ),
+    "SFT warm-up with a jsonl task": (
+        [
+            "data.task=jsonl",
+            "data.train_file={tmp}/random.bin",
+            "data.tokenizer={tmp}",
+            "validation.benchmarks=[]",
+            "validation.heldout_loss=false",
+        ],
+        ["sft_warmup applies to the synthetic task only"],
     ),
     "unknown key (Hydra)": (["grpo.bogus=1"], ["Could not override 'grpo.bogus'"]),
     "unknown appended key (pydantic)": (["+grpo.bogus=1"], ["grpo.bogus", "unknown key"]),
@@ -71,6 +85,8 @@ CASES = {
 def test_grpo_config_errors_exit_2_early_and_write_nothing(tmp_path, capsys, case):
     overrides, messages = CASES[case]
     (tmp_path / "random.bin").write_bytes(b"\x00\x01garbage")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{garbage")
     _garbage_checkpoint(tmp_path)
     before = tree(tmp_path)
     code = _train("train_grpo", tmp_path / "run", *(o.format(tmp=tmp_path) for o in overrides))

@@ -14,7 +14,7 @@ import pytest
 
 from tests.faults.conftest import launch
 
-MAX_STEPS = 20
+MAX_STEPS = 12
 RUN = [
     "+model.num_layers=2",
     f"sft.max_steps={MAX_STEPS}",

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from nemo_quagmire.config.errors import validate_or_exit
+from nemo_quagmire.config.errors import validate_config
 from nemo_quagmire.config.sft import SFTRunConfig, compose_sft_config
 from nemo_quagmire.plan.sft import plan_sft_run
 from nemo_quagmire.trainer.build import build_sft_trainer
 from nemo_quagmire.trainer.entry import plan_or_train
+from nemo_quagmire.utils.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "train_sft.py"
@@ -67,11 +68,10 @@ def test_dry_runs_print_the_plan(name, capsys):
     assert out.startswith(f"SFT dry run of runs/sft-{name}") and "fits in" in out
 
 
-def test_config_errors_exit_2_naming_the_key(capsys):
+def test_config_errors_exit_2_naming_the_key():
     raw = compose_sft_config("tiny").model_dump()
     raw["sft"]["packing"] = "zip"
-    with pytest.raises(SystemExit) as info:
-        validate_or_exit(SFTRunConfig, raw, "SFT config")
-    assert info.value.code == 2
-    err = capsys.readouterr().err
+    with pytest.raises(InputError) as info:  # exit code 2 in the scripts (utils.errors.cli_main)
+        validate_config(SFTRunConfig, raw, "SFT config")
+    err = str(info.value)
     assert "invalid SFT config" in err and "sft.packing = 'zip'" in err
