@@ -257,7 +257,7 @@ class PassAtKCallback(Callback):
     ) -> dict[str, float]:
         """Sample, grade and report; with `out_dir`, rank 0 also writes samples.parquet and report.json.
 
-        Collective over the data-parallel group (every rank calls it). Shards (see the class docstring) are
+        Collective over the data-parallel group (every rank calls it). Shards (see the module docstring) are
         spread over data-parallel ranks; within a rank, their generation calls over `generators`.
 
         Args:

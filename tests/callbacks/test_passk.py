@@ -1,6 +1,6 @@
 """PassAtKCallback with a scripted policy (see scripted.py): metrics against brute force over k-subsets, every
-graded sample saved and re-gradable, grading overlapping generation, batching, data-parallel gathering, and
-bad input refused before any generation."""
+graded sample saved and re-gradable, grading overlapping generation, batching, data-parallel gathering, bad
+input refused before any generation, shards resumed after a kill, several engines at once, and progress."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """scripts/evaluate.py: a checkpoint evaluated in a subprocess gives the held-out loss computed in-process on
-the same weights and saves re-gradable samples; bad input exits 2 before any model is built."""
+the same weights and saves re-gradable samples; a run killed after some shards resumes to the uninterrupted
+result; a sweep on (stand-in) vLLM engines shares them and writes the predictor's table; bad input exits 2
+before any model is built and writes nothing. The real vLLM run is tests/rollout/test_evaluate_vllm.py."""
 
 from __future__ import annotations
 
