@@ -5,7 +5,9 @@
 # the opposite). So the project goes in with its light base and the [nemo] extra, under constraints.txt minus
 # its megatron-core pin (the CPU torch stays pinned). The [train] extra is not installed here: the NeMo hooks
 # use only the engine's log-prob and generation functions, which run on 0.15 (nemo_quagmire/megatron/compat.py).
-# Expect ~5-6 min and ~3 GB on a fresh machine (measured: docs/frameworks/nemo2.md). NEMO_VENV moves the venv.
+# ~3 GB. Measured with an empty pip cache: 207 CPU-seconds in all (venv ~180, tests ~25); wall 30 min on a machine
+# at load average 60 (the job got 11% of a CPU), and the same install took 5.3 min at load ~1, so expect ~7 min
+# on a quiet machine. NEMO_VENV moves the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
