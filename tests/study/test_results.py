@@ -77,6 +77,14 @@ def test_variant_means_seed_noise_and_within_seed_ranks(study):
         ("heldout_loss",),
         ("heldout_loss", "pass@2"),
     ]
+    same = [v for v in POST if v != "short-1ep"]  # quick.yaml's short-only variant left out
+    (loss_fit,) = [f for f in summary.same_data_proxies if f["features"] == ["heldout_loss"]]
+    losses = [1.0 - t + 0.01 * seed for v in same for seed, t in enumerate(POST[v])]
+    targets = [t for v in same for t in POST[v]]
+    assert loss_fit["n"] == 6
+    assert loss_fit["feature_spearman"]["heldout_loss"] == pytest.approx(
+        stats.spearmanr(losses, targets).statistic
+    )
     md = (study_dir / "report" / SUMMARY_MD).read_text()
     assert "| half-2ep |" in md and "seed noise" in md
     assert (study_dir / "report" / MAIN_PLOT).read_bytes().startswith(b"\x89PNG")
