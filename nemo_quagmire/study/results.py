@@ -32,6 +32,7 @@ from nemo_quagmire.predict.table import Table, read_table
 from nemo_quagmire.study.plan import Job, StudyConfig
 from nemo_quagmire.study.runner import is_done
 from nemo_quagmire.utils.io import atomic_write
+from nemo_quagmire.utils.logging import get_logger
 
 __all__ = [
     "MAIN_PLOT",
@@ -40,6 +41,8 @@ __all__ = [
     "summarize_study",
     "verify_study",
 ]
+
+logger = get_logger(__name__)
 
 TARGET = "post_rl_pass@1"
 MAIN_PLOT = "k_curve.png"
@@ -150,10 +153,13 @@ def summarize_study(study_dir: Path, cfg: StudyConfig) -> StudySummary:
             target=tuple(table.target[i] for i in same),
             source=f"{table.source}, without the short-only variants",
         )
-        analysis = analyze(subset, _proxy_names(fits), resamples=cfg.report_bootstrap, seed=0)
-        same_data = sorted(
-            fit_records(analysis), key=lambda r: _proxy_names(fits).index(tuple(r["features"]))
-        )
+        try:
+            analysis = analyze(subset, _proxy_names(fits), resamples=cfg.report_bootstrap, seed=0)
+        except ValueError as err:  # e.g. the subset's post-RL scores are all equal: nothing to rank
+            logger.warning("no fits over the variants of one SFT data distribution: %s", err)
+        else:
+            order = _proxy_names(fits)
+            same_data = sorted(fit_records(analysis), key=lambda r: order.index(tuple(r["features"])))
     summary = StudySummary(report_dir, fits[0], proxies, variant_rows, noise, per_seed, same_data)
 
     with atomic_write(report_dir / SUMMARY_JSON) as handle:
