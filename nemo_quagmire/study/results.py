@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from nemo_quagmire.predict.analysis import analyze, label, pass_at_k_of
+from nemo_quagmire.predict.analysis import analyze, fit_records, label, pass_at_k_of
 from nemo_quagmire.predict.regression import spearman
 from nemo_quagmire.predict.report import k_curve_png
 from nemo_quagmire.predict.runs import RUN_INFO_FILE, resolve_checkpoint, validation_records
@@ -32,6 +32,7 @@ from nemo_quagmire.predict.table import Table, read_table
 from nemo_quagmire.study.plan import Job, StudyConfig
 from nemo_quagmire.study.runner import is_done
 from nemo_quagmire.utils.io import atomic_write
+from nemo_quagmire.utils.logging import get_logger
 
 __all__ = [
     "MAIN_PLOT",
@@ -40,6 +41,8 @@ __all__ = [
     "summarize_study",
     "verify_study",
 ]
+
+logger = get_logger(__name__)
 
 TARGET = "post_rl_pass@1"
 MAIN_PLOT = "k_curve.png"
@@ -58,6 +61,9 @@ class StudySummary:
     variants: list[dict[str, Any]]  # per variant: mean and std over seeds of target and proxies
     noise: dict[str, Any]  # between-variant spread against seed noise of the target
     per_seed_spearman: dict[str, list[float]]  # proxy -> Spearman with the target within each seed
+    same_data_proxies: list[
+        dict[str, Any]
+    ]  # the proxies' fits over the variants of one SFT data distribution
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +72,7 @@ class StudySummary:
             "variants": self.variants,
             "noise": self.noise,
             "per_seed_spearman": self.per_seed_spearman,
+            "same_data_proxies": self.same_data_proxies,
         }
 
 
@@ -133,12 +140,32 @@ def summarize_study(study_dir: Path, cfg: StudyConfig) -> StudySummary:
             idx = [i for i, s in enumerate(seeds_of) if s == seed]
             rho = spearman(values[idx], target[idx]) if len(idx) > 2 else math.nan
             per_seed[feature].append(_nan_to_none(rho))
-    summary = StudySummary(report_dir, fits[0], proxies, variant_rows, noise, per_seed)
+    # The paper compares held-out loss across runs on the same SFT data (other epochs, sizes), not across data
+    # sets: the same fits over the variants that are not short-only.
+    short = {v.name for v in cfg.variants if v.short_only}
+    same = [i for i, v in enumerate(variants_of) if v not in short]
+    same_data: list[dict[str, Any]] = []
+    if short and len(same) >= 3:
+        subset = Table(
+            ids=tuple(table.ids[i] for i in same),
+            columns={f: tuple(table.columns[f][i] for i in same) for f in features},
+            target_name=table.target_name,
+            target=tuple(table.target[i] for i in same),
+            source=f"{table.source}, without the short-only variants",
+        )
+        try:
+            analysis = analyze(subset, _proxy_names(fits), resamples=cfg.report_bootstrap, seed=0)
+        except ValueError as err:  # e.g. the subset's post-RL scores are all equal: nothing to rank
+            logger.warning("no fits over the variants of one SFT data distribution: %s", err)
+        else:
+            order = _proxy_names(fits)
+            same_data = sorted(fit_records(analysis), key=lambda r: order.index(tuple(r["features"])))
+    summary = StudySummary(report_dir, fits[0], proxies, variant_rows, noise, per_seed, same_data)
 
     with atomic_write(report_dir / SUMMARY_JSON) as handle:
         json.dump(summary.as_json(), handle, indent=2)
     with atomic_write(report_dir / SUMMARY_MD) as handle:
-        handle.write(summary_markdown(summary, table) + "\n")
+        handle.write(summary_markdown(summary) + "\n")
     analysis = analyze(table, resamples=cfg.report_bootstrap, seed=0)
     plot = k_curve_png(analysis)
     if plot is not None:
@@ -156,6 +183,17 @@ def _with_interval(fit: dict[str, Any], key: str) -> str:
     return f"{_fmt(fit[key])} [{_fmt(low)}, {_fmt(high)}]"
 
 
+def _proxy_table(fits: Sequence[dict[str, Any]]) -> list[str]:
+    lines = ["| proxy (pre-RL) | sign | Spearman | Kendall | R² | LOO R² |", "|---|---|---|---|---|---|"]
+    for fit in fits:
+        signs = "".join("+" if (fit["feature_spearman"][f] or 0) >= 0 else "−" for f in fit["features"])
+        lines.append(
+            f"| {label(fit['features'])} | {signs} | {_with_interval(fit, 'spearman')} | "
+            f"{_with_interval(fit, 'kendall')} | {_with_interval(fit, 'r2')} | {_fmt(fit['r2_loo'])} |"
+        )
+    return lines
+
+
 def _feature_keys(summary: StudySummary) -> list[str]:
     """The proxies' columns of the per-variant table: pass@k by k, then the held-out loss."""
     keys = [k for k in summary.variants[0] if pass_at_k_of(k) is not None or k == "heldout_loss"]
@@ -167,7 +205,7 @@ def _mean_std(row: dict[str, Any], key: str) -> str:
     return f"{_fmt(row[key], 3)}" + ("" if std is None else f" ± {_fmt(std, 3)}")
 
 
-def summary_markdown(summary: StudySummary, table: Table) -> str:
+def summary_markdown(summary: StudySummary) -> str:
     """The study's tables in Markdown (summary.md; the README's result section quotes it)."""
     n = summary.best["n"]
     level = int(round(100 * summary.best["level"]))
@@ -176,15 +214,16 @@ def summary_markdown(summary: StudySummary, table: Table) -> str:
         f"{summary.best['bootstrap']['used']} resamples; Spearman/Kendall of the fitted line, i.e. the "
         "proxy's own rank order up to its sign):",
         "",
-        "| proxy (pre-RL) | sign | Spearman | Kendall | R² | LOO R² |",
-        "|---|---|---|---|---|---|",
+        *_proxy_table(summary.proxies),
     ]
-    for fit in summary.proxies:
-        signs = "".join("+" if (fit["feature_spearman"][f] or 0) >= 0 else "−" for f in fit["features"])
-        lines.append(
-            f"| {label(fit['features'])} | {signs} | {_with_interval(fit, 'spearman')} | "
-            f"{_with_interval(fit, 'kendall')} | {_with_interval(fit, 'r2')} | {_fmt(fit['r2_loo'])} |"
-        )
+    if summary.same_data_proxies:
+        lines += [
+            "",
+            f"The same over the {summary.same_data_proxies[0]['n']} checkpoints trained on one SFT data "
+            "distribution (the short-only variants left out: the paper compares held-out loss within one):",
+            "",
+            *_proxy_table(summary.same_data_proxies),
+        ]
     lines += [
         "",
         f"Best feature set (highest LOO R²): {label(summary.best['features'])}.",

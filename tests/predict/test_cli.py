@@ -78,7 +78,8 @@ def test_feature_sets_can_be_named(tmp_path):
     )  # fmt: skip
     assert status == 0
     records = json.loads((out / "fit.json").read_text())
-    assert [r["features"] for r in records] == [["heldout_loss", "pass@64"], ["pass@1"]]
+    assert sorted(r["features"] for r in records) == [["heldout_loss", "pass@64"], ["pass@1"]]
+    assert records[0]["r2_loo"] >= records[1]["r2_loo"]  # best first
 
 
 def _write_run(root: Path, name: str, val: dict, init_from: str | None = None) -> Path:

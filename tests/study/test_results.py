@@ -28,10 +28,9 @@ PASS1 = {
 }
 
 
-@pytest.fixture()
-def study(tmp_path):
+def _make_study(tmp_path, post):
     rows = ["run,pass@1,pass@2,heldout_loss,post_rl_pass@1"]
-    for variant, targets in POST.items():
+    for variant, targets in post.items():
         for seed, target in enumerate(targets):
             p1 = PASS1[variant][seed]
             loss = 1.0 - target + 0.01 * seed
@@ -49,6 +48,11 @@ def study(tmp_path):
     )
     cfg = load_study_config(STUDY_CONF_DIR / "quick.yaml", {"seeds": 2, "report_bootstrap": 100})
     return tmp_path, cfg
+
+
+@pytest.fixture()
+def study(tmp_path):
+    return _make_study(tmp_path, POST)
 
 
 def test_variant_means_seed_noise_and_within_seed_ranks(study):
@@ -77,6 +81,14 @@ def test_variant_means_seed_noise_and_within_seed_ranks(study):
         ("heldout_loss",),
         ("heldout_loss", "pass@2"),
     ]
+    same = [v for v in POST if v != "short-1ep"]  # quick.yaml's short-only variant left out
+    (loss_fit,) = [f for f in summary.same_data_proxies if f["features"] == ["heldout_loss"]]
+    losses = [1.0 - t + 0.01 * seed for v in same for seed, t in enumerate(POST[v])]
+    targets = [t for v in same for t in POST[v]]
+    assert loss_fit["n"] == 6
+    assert loss_fit["feature_spearman"]["heldout_loss"] == pytest.approx(
+        stats.spearmanr(losses, targets).statistic
+    )
     md = (study_dir / "report" / SUMMARY_MD).read_text()
     assert "| half-2ep |" in md and "seed noise" in md
     assert (study_dir / "report" / MAIN_PLOT).read_bytes().startswith(b"\x89PNG")
@@ -88,3 +100,12 @@ def test_ranking_lists_every_checkpoint_with_its_sft_score(study):
     lines = ranking_lines(study_dir / "report")
     assert len(lines) == 1 + 2 * len(POST)
     assert lines[1].split()[:2] == ["1", "full-1ep-s0@100"] and lines[1].split()[-1] == "0.100"
+
+
+def test_equal_scores_within_one_data_distribution_leave_only_the_pooled_fits(tmp_path, caplog):
+    flat = {v: ((0.2, 0.2) if v != "short-1ep" else t) for v, t in POST.items()}
+    study_dir, cfg = _make_study(tmp_path, flat)
+    summary = summarize_study(study_dir, cfg)
+    assert summary.same_data_proxies == [] and summary.proxies
+    assert "no fits over the variants of one SFT data distribution" in caplog.text
+    assert "trained on one SFT data distribution" not in (study_dir / "report" / SUMMARY_MD).read_text()
