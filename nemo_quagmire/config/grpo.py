@@ -65,18 +65,23 @@ class GRPOConfig(_Config):
     advantage_estimator: str = Field(
         default="grpo", description="grpo | dr_grpo | rloo (or a registered one)."
     )
-    advantage_eps: PositiveFloat = 1e-6
+    advantage_eps: PositiveFloat = Field(default=1e-6, description="Added to the group std (grpo estimator).")
     clip_low: float = Field(
         default=0.2, ge=0.0, lt=1.0, description="PPO clip below 1 (ratio >= 1 - clip_low)."
     )
     clip_high: float = Field(default=0.28, ge=0.0, description="Clip above 1; DAPO's clip-higher uses 0.28.")
     dual_clip: float | None = Field(default=None, gt=1.0, description="Dual-clip c for negative advantages.")
-    loss_agg: AggMode = "token-mean"
+    loss_agg: AggMode = Field(
+        default="token-mean",
+        description="How token losses combine (DAPO token-mean; Dr.GRPO seq-mean-token-sum-norm).",
+    )
     token_sum_normalizer: PositiveInt | None = Field(
         default=None, description="Dr.GRPO's constant for seq-mean-token-sum-norm (e.g. the max new tokens)."
     )
     kl_coef: NonNegativeFloat = Field(default=0.0, description="Reference-KL weight; 0 = no reference model.")
-    kl_estimator: KLEstimator = "k3"
+    kl_estimator: KLEstimator = Field(
+        default="k3", description="KL estimator of the reference penalty (Schulman's k1/k2/k3)."
+    )
     num_minibatches: PositiveInt = Field(
         default=1, description="Policy updates per rollout batch (1 = on-policy, ratio exactly 1)."
     )
@@ -135,11 +140,17 @@ class GRPOConfig(_Config):
 class VLLMConfig(_Config):
     """vLLM rollouts (production): the policy's weights are pushed after every update."""
 
-    tensor_parallel_size: PositiveInt = 1
-    gpu_memory_utilization: float = Field(default=0.35, gt=0.0, lt=1.0)
+    tensor_parallel_size: PositiveInt = Field(default=1, description="GPUs per vLLM engine (vLLM's own TP).")
+    gpu_memory_utilization: float = Field(
+        default=0.35, gt=0.0, lt=1.0, description="Share of each GPU vLLM may take (ignored on CPU)."
+    )
     colocated: bool = Field(default=True, description="Share the training GPUs (sleep between rollouts).")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    enforce_eager: bool = False
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="vLLM's weight dtype; auto = the checkpoint's."
+    )
+    enforce_eager: bool = Field(
+        default=False, description="No CUDA graphs: faster start-up, slower decoding."
+    )
     in_process: bool = Field(
         default=False,
         description="Run vLLM's engine core inside the vLLM server process (with tensor_parallel_size=1 its "
@@ -164,9 +175,16 @@ class RolloutConfig(_Config):
         default="megatron",
         description="megatron = in-process on the policy (CPU default); vllm = production.",
     )
-    temperature: PositiveFloat = 1.0
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    max_new_tokens: PositiveInt = 64
+    temperature: PositiveFloat = Field(
+        default=1.0, description="Rollout sampling temperature (the trainer's log-probs use it too)."
+    )
+    top_p: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Keep 1.0: the trainer cannot reproduce nucleus renormalisation.",
+    )
+    max_new_tokens: PositiveInt = Field(default=64, description="Completion budget of a rollout.")
     max_prompt_tokens: PositiveInt = Field(
         default=1024, description="Longest prompt in tokens (sizes the KV cache and the memory plan)."
     )
@@ -176,7 +194,9 @@ class RolloutConfig(_Config):
 class DataConfig(_Config):
     """Where prompts come from: the embedded synthetic task, or a JSONL of {problem, answer} math prompts."""
 
-    task: Literal["synthetic", "jsonl"] = "synthetic"
+    task: Literal["synthetic", "jsonl"] = Field(
+        default="synthetic", description="synthetic = the embedded arithmetic task; jsonl = data.train_file."
+    )
     synthetic: SyntheticTaskConfig = SyntheticTaskConfig()
     num_sft: PositiveInt = Field(default=20000, description="Synthetic SFT examples (warm-up).")
     num_rl: PositiveInt = Field(default=4000, description="Synthetic RL prompts.")
@@ -187,7 +207,10 @@ class DataConfig(_Config):
         description="HF tokenizer directory for task=jsonl; None = the tokenizer of checkpoint.load_from (an "
         "HF directory, or the run dir of a checkpoint). The synthetic task has its own.",
     )
-    prompt_template: Literal["plain", "chat"] = "chat"
+    prompt_template: Literal["plain", "chat"] = Field(
+        default="chat",
+        description="Math prompts as a chat-template user turn, or plain 'Problem: ... Solution:'.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -201,16 +224,18 @@ class SFTWarmupConfig(_Config):
     """A short SFT on the task before GRPO (the embedded default starts from a random tiny model)."""
 
     steps: NonNegativeInt = Field(default=0, description="0 = none (start from checkpoint.load_from).")
-    batch_size: PositiveInt = 64
-    lr: PositiveFloat = 1e-3
+    batch_size: PositiveInt = Field(default=64, description="SFT examples per warm-up step.")
+    lr: PositiveFloat = Field(default=1e-3, description="Learning rate of the warm-up.")
 
 
 class GRPORunConfig(_Config):
     """Everything a GRPO run needs. `model` is a preset name plus overrides, or a full model config."""
 
-    run_dir: str = "runs/grpo-tiny"
-    seed: int = 1234
-    max_steps: PositiveInt = 100
+    run_dir: str = Field(
+        default="runs/grpo-tiny", description="Metrics, checkpoints, logs and samples of the run."
+    )
+    seed: int = Field(default=1234, description="Seeds weights, prompt draws and sampling (exact resume).")
+    max_steps: PositiveInt = Field(default=100, description="GRPO steps (one rollout batch each).")
     dry_run: bool = Field(default=False, description="Validate, print layout and memory plan, exit.")
     gpus_per_node: PositiveInt = Field(default=8, description="For the layout and memory plan.")
     model: ModelConfig

@@ -68,7 +68,7 @@ class ValidationConfig(FrozenConfig):
     completions on benchmarks, and the negative log-likelihood of held-out examples (the paper's two
     predictors of the post-RL score)."""
 
-    interval: PositiveInt = 10
+    interval: PositiveInt = Field(default=10, description="Validate every N steps (and at the end).")
     at_start: bool = Field(
         default=True,
         description="Also validate before the first step (never after a resume). A study's runs skip it: an "
@@ -183,10 +183,10 @@ TOKENIZER_MISSING = (
 
 
 class LoggingConfig(FrozenConfig):
-    tensorboard: bool = True
+    tensorboard: bool = Field(default=True, description="Also write <run_dir>/tensorboard/.")
     wandb: dict[str, Any] | None = Field(default=None, description="Kwargs of wandb.init; None = off.")
     mlflow: dict[str, Any] | None = Field(default=None, description="{experiment: name}; None = off.")
-    progress_bar: bool = True
+    progress_bar: bool = Field(default=True, description="A tqdm bar on rank 0.")
 
 
 def model_from_preset(value: Any) -> Any:

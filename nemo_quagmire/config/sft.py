@@ -76,7 +76,9 @@ class SFTConfig(FrozenConfig):
 class SFTDataConfig(FrozenConfig):
     """Where the examples come from: the embedded synthetic task, or a JSONL of {prompt, response}."""
 
-    task: Literal["synthetic", "jsonl"] = "synthetic"
+    task: Literal["synthetic", "jsonl"] = Field(
+        default="synthetic", description="synthetic = the embedded arithmetic task; jsonl = data.train_file."
+    )
     synthetic: SyntheticTaskConfig = SyntheticTaskConfig()
     num_sft: PositiveInt = Field(default=20000, description="Synthetic SFT examples.")
     num_heldout: PositiveInt = Field(
@@ -107,8 +109,10 @@ class SFTDataConfig(FrozenConfig):
 class SFTRunConfig(FrozenConfig):
     """Everything an SFT run needs. `model` is a preset name plus overrides, or a full model config."""
 
-    run_dir: str = "runs/sft-tiny"
-    seed: int = 1234
+    run_dir: str = Field(
+        default="runs/sft-tiny", description="Metrics, checkpoints, logs and samples of the run."
+    )
+    seed: int = Field(default=1234, description="Seeds weights, data order and sampling (exact resume).")
     dry_run: bool = Field(default=False, description="Validate, print layout and memory plan, exit.")
     gpus_per_node: PositiveInt = Field(default=8, description="For the layout and memory plan.")
     model: ModelConfig
