@@ -142,8 +142,11 @@ def read_checkpoint_source(path: str | os.PathLike, key: str = "checkpoint.load_
 
         try:
             model = model_config_from_hf(path)
-        except ValueError as error:
-            raise CheckpointSourceError(f"{key}={path}: {error}") from None
+        except ValueError as error:  # unreadable, unsupported or incomplete: the message names the file
+            config = path / "config.json"
+            raise CheckpointSourceError(
+                f"{key}={path}: {error if str(config) in str(error) else f'{config}: {error}'}"
+            ) from None
         return CheckpointSource(
             path=path,
             kind="hf",

@@ -130,7 +130,10 @@ def read_hf_config(src: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]
             f"no HF config at {path}: pass a local model directory holding config.json (repo ids are not "
             "resolved: there is no hub access; download the snapshot and pass its directory)"
         )
-    config = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable JSON file ({err})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} is not a JSON object (an HF config.json)")
     return config

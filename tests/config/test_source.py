@@ -40,22 +40,31 @@ def _jsonl_run(hf_dir: Path, *overrides: str) -> list[str]:
     ]
 
 
+def _grpo_jsonl_run(hf_dir: Path, *overrides: str) -> list[str]:
+    """`_jsonl_run` for GRPO: tiny.yaml warms up on the synthetic task; a jsonl run starts from load_from."""
+    return _jsonl_run(hf_dir, "sft_warmup.steps=0", *overrides)
+
+
 def test_an_hf_directory_gives_the_model_and_the_tokenizer_without_model_overrides(tiny_chat_model):
     expected = model_config_from_hf(tiny_chat_model)
-    grpo = compose_run_config("tiny", _jsonl_run(tiny_chat_model))  # tiny.yaml's preset and vocab give way
+    grpo = compose_run_config(
+        "tiny", _grpo_jsonl_run(tiny_chat_model)
+    )  # tiny.yaml's preset and vocab give way
     sft = compose_sft_config("tiny", _jsonl_run(tiny_chat_model, "data.prompt_template=chat"))
     for cfg in (grpo, sft):
         assert cfg.model == expected
         assert cfg.model.norm_epsilon == RMS_NORM_EPS_FLOAT32 and cfg.model.vocab_size == 384
         assert cfg.data.tokenizer == str(tiny_chat_model)
-    explicit_tokenizer = compose_run_config("tiny", _jsonl_run(tiny_chat_model, "data.tokenizer=/elsewhere"))
+    explicit_tokenizer = compose_run_config(
+        "tiny", _grpo_jsonl_run(tiny_chat_model, "data.tokenizer=/elsewhere")
+    )
     assert explicit_tokenizer.data.tokenizer == "/elsewhere"  # data.tokenizer wins
 
 
 def test_explicit_model_keys_are_checked_with_a_float_tolerance_and_precision_keys_apply(tiny_chat_model):
     cfg = compose_run_config(
         "tiny",
-        _jsonl_run(
+        _grpo_jsonl_run(
             tiny_chat_model,
             "+model.norm_epsilon=1e-5",  # stored as float32: 9.999999747378752e-06
             "+model.num_layers=2",
@@ -85,7 +94,7 @@ def test_explicit_model_keys_are_checked_with_a_float_tolerance_and_precision_ke
 )
 def test_a_real_mismatch_names_the_field_both_values_and_the_fix(tiny_chat_model, overrides, fragments):
     with pytest.raises(CheckpointSourceError) as info:
-        compose_run_config("tiny", _jsonl_run(tiny_chat_model, *overrides))
+        compose_run_config("tiny", _grpo_jsonl_run(tiny_chat_model, *overrides))
     message = str(info.value)
     for fragment in fragments + ["drop these model.* overrides", str(tiny_chat_model)]:
         assert fragment in message
@@ -93,9 +102,9 @@ def test_a_real_mismatch_names_the_field_both_values_and_the_fix(tiny_chat_model
 
 def test_an_unknown_model_key_or_preset_is_still_an_error(tiny_chat_model):
     with pytest.raises(ValueError, match="model.num_layer"):
-        compose_run_config("tiny", _jsonl_run(tiny_chat_model, "+model.num_layer=2"))
+        compose_run_config("tiny", _grpo_jsonl_run(tiny_chat_model, "+model.num_layer=2"))
     with pytest.raises(CheckpointSourceError, match="unknown model preset 'llama9'"):
-        compose_run_config("tiny", _jsonl_run(tiny_chat_model, "model.preset=llama9"))
+        compose_run_config("tiny", _grpo_jsonl_run(tiny_chat_model, "model.preset=llama9"))
 
 
 def test_bad_sources_name_the_problem(tiny_chat_model, tmp_path):
@@ -104,12 +113,12 @@ def test_bad_sources_name_the_problem(tiny_chat_model, tmp_path):
     config = json.loads((gpt2 / "config.json").read_text())
     (gpt2 / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(CheckpointSourceError) as info:
-        compose_run_config("tiny", _jsonl_run(gpt2))
+        compose_run_config("tiny", _grpo_jsonl_run(gpt2))
     assert "GPT2LMHeadModel" in str(info.value)
     assert "['LlamaForCausalLM', 'MistralForCausalLM', 'Qwen3ForCausalLM']" in str(info.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointSourceError, match="neither a checkpoint of this project"):
-        compose_run_config("tiny", _jsonl_run(tmp_path / "empty"))
+        compose_run_config("tiny", _grpo_jsonl_run(tmp_path / "empty"))
     missing = {"model": {"preset": "llama3_8b"}, "checkpoint": {"load_from": str(tmp_path / "missing")}}
     with pytest.raises(CheckpointSourceError, match="missing: no such directory"):
         resolve_run_config(missing)  # what train_grpo.py / train_sft.py do
@@ -120,7 +129,7 @@ def test_bad_sources_name_the_problem(tiny_chat_model, tmp_path):
 
 def test_a_tensor_parallel_size_that_does_not_divide_the_checkpoint_names_the_valid_ones(tiny_chat_model):
     with pytest.raises(ValueError) as info:
-        compose_run_config("tiny", _jsonl_run(tiny_chat_model, "parallel.tensor_model_parallel_size=4"))
+        compose_run_config("tiny", _grpo_jsonl_run(tiny_chat_model, "parallel.tensor_model_parallel_size=4"))
     assert "tensor_model_parallel_size=4 does not divide num_query_groups (KV heads)=2; valid: 1, 2" in str(
         info.value
     )
@@ -177,5 +186,11 @@ def test_a_synthetic_run_dir_keeps_the_character_tokenizer_and_a_llama_config(tm
 def test_math_data_without_any_tokenizer_is_a_config_error():
     with pytest.raises(ValueError, match="data.task=jsonl needs a tokenizer: set checkpoint.load_from"):
         compose_run_config(
-            "tiny", ["data.task=jsonl", "data.train_file=t.jsonl", "validation.heldout_loss=false"]
+            "tiny",
+            [
+                "data.task=jsonl",
+                "data.train_file=t.jsonl",
+                "validation.heldout_loss=false",
+                "sft_warmup.steps=0",
+            ],
         )

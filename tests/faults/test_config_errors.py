@@ -54,7 +54,7 @@ CASES = {
     ),
     "load_from with a garbage HF config": (
         ["checkpoint.load_from={tmp}/hf"],
-        ["config.json is not a readable JSON"],
+        ["config.json is not a readable JSON file"],
     ),
     "load_from with garbage metadata": (
         ["checkpoint.load_from={tmp}/ckpt/step_00000010"],
