@@ -4,7 +4,7 @@ Why: the CPU path should run a GRPO step faster than TRL on the same tiny model,
 something when both sides do the same work under the same conditions. This script runs both, one after the
 other in one invocation, and shows where each step's time goes.
 
-Same work on both sides (the shape of /work/shared/reference/trl-grpo-cpu-anchor):
+Same work on both sides (the shape of ../shared/reference/trl-grpo-cpu-anchor):
   - Model: the `tiny` preset = Llama, 4 layers, hidden 128, 4 heads, 2 KV heads, ffn 344, vocab 100, untied,
     fp32, 751,744 parameters. Both sides start from the SAME weights: our model is initialised once (seed
     1234) and exported as a transformers checkpoint. Ours loads it through `checkpoint.load_from`, TRL through

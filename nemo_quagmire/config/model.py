@@ -8,7 +8,7 @@ any machine, e.g. in a dry-run memory estimate before a job is launched.
 
 Presets hold the architectures of the paper's models, copied from the public ``config.json`` of each model
 card (sources cited next to each preset), plus ``tiny``: the same shape as the TRL CPU anchor
-(/work/shared/reference/trl-grpo-cpu-anchor), so CPU benchmarks compare like with like.
+(../shared/reference/trl-grpo-cpu-anchor), so CPU benchmarks compare like with like.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from nemo_quagmire.eval.benchmarks import (
     load_benchmarks,
 )
 
-# Row counts promised by /work/shared/benchmarks/README.md.
+# Row counts promised by ../shared/benchmarks/README.md.
 README_COUNTS = {
     "math500": 500,
     "aime24": 30,
