@@ -1,6 +1,6 @@
 """The whole method on one machine: which SFT checkpoint is best after RL, and which proxy said so first.
 
-    python scripts/quagmire_study.py               # conf/study/tiny.yaml: 8 variants, ~17 min on 2 cores
+    python scripts/quagmire_study.py               # conf/study/tiny.yaml: 8 variants, ~15 min on 2 cores
     python scripts/quagmire_study.py --seeds 3     # the same, 3 training seeds per variant
     python scripts/quagmire_study.py --quick       # CI smoke run (~2 min): the whole chain, checked
     python scripts/quagmire_study.py --variants full-1ep,half-2ep,short-1ep --sft-steps 200 --grpo-steps 20
