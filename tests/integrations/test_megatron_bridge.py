@@ -18,7 +18,6 @@ The model chunks are megatron-core `GPTModel`s wrapped in megatron's `Distribute
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,9 +35,9 @@ from nemo_quagmire.integrations.megatron_bridge import HeldOutLossBridgeCallback
 from nemo_quagmire.integrations.megatron_policy import MegatronChunksPolicy
 from nemo_quagmire.megatron.parallel import ParallelConfig
 from nemo_quagmire.predict.runs import validation_records
-from nemo_quagmire.rewards.math_grader import MathGrader
 from nemo_quagmire.rollout.base import SamplingParams
 from nemo_quagmire.trainer.sft_steps import encode_example
+from tests.integrations.pass_at_k_reference import regraded_pass_at_k
 
 TOKENIZER = CharTokenizer()
 PADDED_VOCAB = 128
@@ -208,18 +207,10 @@ def test_a_bridge_validation_logs_both_predictors_checked_independently(chunks, 
     assert logged["val/heldout_loss/token_mean"] == pytest.approx(_independent_nll(chunks[0]), abs=1e-6)
     assert all(chunk.training for chunk in chunks)  # evaluate() put them back
 
-    samples = read_samples(tmp_path / "eval" / "step_00000005")
-    assert len(samples) == len(PROBLEMS) * NUM_SAMPLES
-    with MathGrader(num_workers=0) as grader:
-        verdicts = grader.grade([s.gold for s in samples], [s.completion for s in samples])
-    correct: dict[str, int] = defaultdict(int)
-    for sample, verdict in zip(samples, verdicts, strict=True):
-        correct[sample.problem_id] += verdict.correct
-    for k in (1, 2, 4):
-        expected = sum(
-            1 - math.comb(NUM_SAMPLES - c, k) / math.comb(NUM_SAMPLES, k) for c in correct.values()
-        )
-        assert logged[f"val/{BENCHMARK_NAME}/pass@{k}"] == pytest.approx(expected / len(correct), abs=1e-9)
+    expected, num_read = regraded_pass_at_k(tmp_path / "eval" / "step_00000005", NUM_SAMPLES, (1, 2, 4))
+    assert num_read == len(PROBLEMS) * NUM_SAMPLES
+    for k, value in expected.items():
+        assert logged[f"val/{BENCHMARK_NAME}/pass@{k}"] == pytest.approx(value, abs=1e-9)
 
     on_disk = validation_records(tmp_path)  # what scripts/predict_report.py --sft-runs reads
     assert list(on_disk) == [5]

@@ -18,8 +18,6 @@ CPU-only shims of NeMo internals: tests/integrations/nemo_cpu_shims.py (each nam
 from __future__ import annotations
 
 import json
-import math
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -33,17 +31,16 @@ from nemo_quagmire.callbacks.passk import PassAtKCallback  # noqa: E402
 from nemo_quagmire.data.hf_tokenizer import HFTokenizer  # noqa: E402
 from nemo_quagmire.data.synthetic import BENCHMARK_NAME, SyntheticTaskConfig, generate_splits  # noqa: E402
 from nemo_quagmire.eval.benchmarks import Problem  # noqa: E402
-from nemo_quagmire.eval.samples import read_samples  # noqa: E402
 from nemo_quagmire.integrations.lightning import (  # noqa: E402
     HeldOutLossLightningCallback,
     PassAtKLightningCallback,
 )
 from nemo_quagmire.integrations.nemo import QuagmireGPTModel  # noqa: E402
 from nemo_quagmire.predict.runs import validation_records  # noqa: E402
-from nemo_quagmire.rewards.math_grader import MathGrader  # noqa: E402
 from nemo_quagmire.rollout.base import SamplingParams  # noqa: E402
 from nemo_quagmire.trainer.sft_steps import encode_example  # noqa: E402
 from tests.integrations.nemo_cpu_shims import cpu_data_step, nemo_on_cpu  # noqa: E402
+from tests.integrations.pass_at_k_reference import regraded_pass_at_k  # noqa: E402
 from tests.integrations.tiny_tokenizer import VOCAB_SIZE, write_tokenizer  # noqa: E402
 
 SPLITS = generate_splits(SyntheticTaskConfig(), seed=3, num_sft=64, num_rl=0, num_heldout=8)
@@ -210,18 +207,10 @@ def test_the_logged_values_reach_the_run_metrics_file_the_predictor_reads(finetu
 def test_the_logged_pass_at_k_equals_grading_the_saved_samples(finetuned):
     run_dir, record, _, _ = finetuned
     logged = record.seen[-1][1]
-    samples = read_samples(run_dir / "eval" / "step_00000004")
-    assert len(samples) == len(SPLITS.heldout_records()) * NUM_SAMPLES
-    with MathGrader(num_workers=0) as grader:
-        verdicts = grader.grade([s.gold for s in samples], [s.completion for s in samples])
-    correct: dict[str, int] = defaultdict(int)
-    for sample, verdict in zip(samples, verdicts, strict=True):
-        correct[sample.problem_id] += verdict.correct
-    for k in (1, 2, 4):
-        expected = sum(
-            1 - math.comb(NUM_SAMPLES - c, k) / math.comb(NUM_SAMPLES, k) for c in correct.values()
-        ) / len(correct)
-        assert logged[f"val/{BENCHMARK_NAME}/pass@{k}"] == pytest.approx(expected, abs=1e-9)
+    expected, num_read = regraded_pass_at_k(run_dir / "eval" / "step_00000004", NUM_SAMPLES, (1, 2, 4))
+    assert num_read == len(SPLITS.heldout_records()) * NUM_SAMPLES
+    for k, value in expected.items():
+        assert logged[f"val/{BENCHMARK_NAME}/pass@{k}"] == pytest.approx(value, abs=1e-9)
 
 
 def test_generation_samples_only_the_tokenizers_ids(finetuned):
