@@ -110,11 +110,9 @@ def measure(
 
 def main() -> None:
     args = parse_args()
-    from nemo_quagmire.megatron.hf import export_hf
-    from nemo_quagmire.megatron.model import build_model
     from nemo_quagmire.megatron.parallel import ParallelConfig, parallel_context
+    from nemo_quagmire.megatron.policy import MegatronPolicy
     from nemo_quagmire.rollout.vllm_server import VLLMServerEngine
-    from nemo_quagmire.trainer.run import megatron_rollout_engine
 
     torch.set_num_threads(args.threads)
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{args.threads - 1}" if args.threads > 1 else "0"
@@ -122,13 +120,11 @@ def main() -> None:
     problems = held_out_problems(args.problems)
     load_before = os.getloadavg()[0]
     with parallel_context(MODEL, ParallelConfig(), seed=SEED), tempfile.TemporaryDirectory() as tmp:
-        model = build_model(MODEL, ParallelConfig())
-        parameters = sum(p.numel() for p in model[0].parameters())
-        loss = warm_up(model, tokenizer, args.sft_steps) if args.sft_steps else float("nan")
-        export_hf(model, Path(tmp) / "hf", MODEL, dtype=torch.float32)
-        in_process = megatron_rollout_engine(
-            model, MODEL, tokenizer, seed=SEED, max_batch_size=args.rows_per_batch
-        )
+        policy = MegatronPolicy(MODEL, ParallelConfig(), seed=None)  # seeded by parallel_context
+        parameters = sum(p.numel() for p in policy.modules()[0].parameters())
+        loss = warm_up(policy, tokenizer, args.sft_steps) if args.sft_steps else float("nan")
+        policy.export_hf(Path(tmp) / "hf", dtype=torch.float32)
+        in_process = policy.rollout_engine(tokenizer, seed=SEED, max_batch_size=args.rows_per_batch)
         start = time.perf_counter()
         server = VLLMServerEngine(
             Path(tmp) / "hf",

@@ -23,6 +23,8 @@ import argparse
 import os
 import random
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +34,9 @@ from nemo_quagmire.data.synthetic import BENCHMARK_NAME, SyntheticTaskConfig, ge
 from nemo_quagmire.data.tokenizer import CharTokenizer
 from nemo_quagmire.eval.benchmarks import Problem
 from nemo_quagmire.rollout.base import SamplingParams
+
+if TYPE_CHECKING:
+    from nemo_quagmire.megatron.policy import MegatronPolicy
 
 MODEL = get_model_preset("tiny").replace(vocab_size=28, max_position_embeddings=128)
 SEED = 1234
@@ -50,23 +55,24 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def warm_up(model: list[torch.nn.Module], tokenizer: CharTokenizer, steps: int) -> float:
-    """SFT the model for `steps` steps (batches of 64, lr 2e-3, packed rows); returns the last loss."""
-    from nemo_quagmire.megatron.train_step import OptimConfig, setup_training
-    from nemo_quagmire.trainer.sft_steps import encode_example, sft_step
+def warm_up(policy: MegatronPolicy, tokenizer: CharTokenizer, steps: int) -> float:
+    """SFT the policy for `steps` steps (batches of 64, lr 2e-3, packed rows); returns the last loss."""
+    from nemo_quagmire.data.batching import encode_example
+    from nemo_quagmire.megatron.train_step import OptimConfig
+    from nemo_quagmire.trainer.sft import sft_step
 
     splits = generate_splits(SyntheticTaskConfig(), seed=SEED, num_sft=steps * 64, num_rl=0, num_heldout=0)
     examples = [encode_example(r, tokenizer) for r in splits.sft_records()]
-    trainer = setup_training(model, OptimConfig(lr=2e-3, weight_decay=0.0, lr_warmup_steps=10))
+    policy.attach_optimizer(OptimConfig(lr=2e-3, weight_decay=0.0, lr_warmup_steps=10))
     loss = float("nan")
     for step in range(steps):
         batch = examples[step * 64 : (step + 1) * 64]
-        loss = sft_step(trainer, batch, packing="packed", capacity=128, micro_batch_size=64, pad_id=0)["loss"]
+        loss = sft_step(policy, batch, packing="packed", capacity=128, micro_batch_size=64, pad_id=0)["loss"]
     return loss
 
 
 def measure(
-    model: list[torch.nn.Module],
+    policy: MegatronPolicy,
     tokenizer: CharTokenizer,
     problems: list[Problem],
     n: int,
@@ -78,8 +84,6 @@ def measure(
     repeats: int = 2,
 ) -> dict[str, float]:
     """One validation's metrics (the fastest of `repeats`, after one untimed warm-up run)."""
-    from nemo_quagmire.trainer.run import megatron_policy_handle, megatron_rollout_engine
-
     callback = PassAtKCallback(
         {BENCHMARK_NAME: problems},
         lambda p: tokenizer.encode(p.problem, add_bos=True),
@@ -91,9 +95,9 @@ def measure(
         save_samples=False,
         seed=random.Random(n).getrandbits(31),
     )
-    engine = megatron_rollout_engine(model, MODEL, tokenizer, seed=SEED, max_batch_size=rows_per_batch)
-    handle = megatron_policy_handle(
-        model, step=0, run_dir=".", tokenizer=tokenizer, generate=engine.generate, micro_batch_size=64
+    engine = policy.rollout_engine(tokenizer, seed=SEED, max_batch_size=rows_per_batch)
+    handle = policy.handle(
+        step=0, run_dir=Path("."), tokenizer=tokenizer, generate=engine.generate, micro_batch_size=64
     )
     try:
         callback.evaluate(handle)  # warm-up: grader start-up and first-call allocations
@@ -113,17 +117,18 @@ def held_out_problems(count: int) -> list[Problem]:
 
 def main() -> None:
     args = parse_args()
-    from nemo_quagmire.megatron.model import build_model
     from nemo_quagmire.megatron.parallel import ParallelConfig, parallel_context
+    from nemo_quagmire.megatron.policy import MegatronPolicy
 
     tokenizer = CharTokenizer()
     problems = held_out_problems(args.problems)
     with parallel_context(MODEL, ParallelConfig(), seed=SEED):
-        model = build_model(MODEL, ParallelConfig())
+        policy = MegatronPolicy(MODEL, ParallelConfig(), seed=None)  # seeded by parallel_context
         start = time.perf_counter()
-        loss = warm_up(model, tokenizer, args.sft_steps) if args.sft_steps else float("nan")
+        loss = warm_up(policy, tokenizer, args.sft_steps) if args.sft_steps else float("nan")
+        parameters = sum(p.numel() for p in policy.modules()[0].parameters())
         print(
-            f"tiny model ({sum(p.numel() for p in model[0].parameters()):,} parameters), torch threads "
+            f"tiny model ({parameters:,} parameters), torch threads "
             f"{torch.get_num_threads()}, {os.cpu_count()} CPUs; SFT {args.sft_steps} steps in "
             f"{time.perf_counter() - start:.0f} s (loss {loss:.3f})"
         )
@@ -133,7 +138,7 @@ def main() -> None:
         for n in [int(x) for x in args.ns.split(",")]:
             for overlap in (True, False) if not args.no_overlap_rows else (True,):
                 metrics = measure(
-                    model,
+                    policy,
                     tokenizer,
                     problems,
                     n,

@@ -476,12 +476,8 @@ def evaluate_job(job: Job, args: argparse.Namespace, engines: VLLMEngines | None
     """Held-out loss on the Megatron model; pass@k on it or on the vLLM engines (after an HF export)."""
     from nemo_quagmire.megatron.checkpoint import META_FILE
     from nemo_quagmire.megatron.parallel import ParallelConfig, parallel_context
+    from nemo_quagmire.megatron.policy import MegatronPolicy
     from nemo_quagmire.trainer.callbacks import PolicyHandle
-    from nemo_quagmire.trainer.run import (
-        load_initial_weights,
-        megatron_policy_handle,
-        megatron_rollout_engine,
-    )
 
     metrics: dict[str, float] = {}
     hf_dir = job.out / HF_SUBDIR if (job.checkpoint / META_FILE).is_file() else job.checkpoint
@@ -489,19 +485,16 @@ def evaluate_job(job: Job, args: argparse.Namespace, engines: VLLMEngines | None
     export = engines is not None and job.passk is not None and not (hf_dir / "config.json").is_file()
     if passk_here or export or job.others:
         with parallel_context(job.model_cfg, ParallelConfig(), seed=args.seed):
-            from nemo_quagmire.megatron.model import build_model
-
-            model = build_model(job.model_cfg, ParallelConfig())
-            load_initial_weights(model, job.checkpoint, job.model_cfg)
+            policy = MegatronPolicy(job.model_cfg, ParallelConfig(), seed=None)  # seeded by parallel_context
+            policy.load_weights(job.checkpoint)
             if export:
-                export_for_vllm(model, job.model_cfg, hf_dir)
+                export_for_vllm(policy, hf_dir)
             engine = None
             if passk_here:
-                engine = megatron_rollout_engine(
-                    model, job.model_cfg, job.tokenizer, seed=args.seed, max_batch_size=args.rows_per_batch
+                engine = policy.rollout_engine(
+                    job.tokenizer, seed=args.seed, max_batch_size=args.rows_per_batch
                 )
-            handle = megatron_policy_handle(
-                model,
+            handle = policy.handle(
                 step=job.step,
                 run_dir=job.out,
                 tokenizer=job.tokenizer,
@@ -512,7 +505,7 @@ def evaluate_job(job: Job, args: argparse.Namespace, engines: VLLMEngines | None
                 metrics |= callback.on_validation(handle)
             if passk_here:
                 metrics |= _evaluate_passk(job, handle, None)
-            del model, engine, handle
+            del policy, engine, handle
         import torch
 
         if torch.cuda.is_available():
@@ -547,14 +540,12 @@ def _no_logprobs(tokens: Any, lengths: Any) -> Any:
     raise RuntimeError("log-probs come from the Megatron model; the vLLM engines only generate")
 
 
-def export_for_vllm(model: Any, model_cfg: Any, hf_dir: Path) -> None:
-    """The model as an HF directory vLLM loads, written beside `hf_dir` and renamed into place (a killed
+def export_for_vllm(policy: Any, hf_dir: Path) -> None:
+    """The policy as an HF directory vLLM loads, written beside `hf_dir` and renamed into place (a killed
     export leaves no directory that looks complete)."""
-    from nemo_quagmire.megatron.hf import export_hf
-
     partial = hf_dir.with_name(hf_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    export_hf(model, partial, model_cfg)
+    policy.export_hf(partial)
     partial.rename(hf_dir)
 
 

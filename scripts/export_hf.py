@@ -87,20 +87,18 @@ def export(args: argparse.Namespace) -> Path:
 
     import torch
 
-    from nemo_quagmire.megatron.checkpoint import load_checkpoint
-    from nemo_quagmire.megatron.hf import export_hf
-    from nemo_quagmire.megatron.model import build_model
     from nemo_quagmire.megatron.parallel import ParallelConfig, parallel_context
+    from nemo_quagmire.megatron.policy import MegatronPolicy
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     partial = args.out.parent / f".{args.out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
         with parallel_context(source.model, ParallelConfig()):
-            model = build_model(source.model, ParallelConfig())
-            load_checkpoint(source.path, model, model_cfg=source.model, restore_rng=False)
+            policy = MegatronPolicy(source.model, ParallelConfig(), seed=None)
+            policy.load_weights(source.path)
             # The run's model/ directory is the template: config.json, generation config, tokenizer.
-            export_hf(model, partial, source.model, source.files_dir, dtype=dtype)
+            policy.export_hf(partial, source.files_dir, dtype=dtype)
         if args.tokenizer is not None:
             from nemo_quagmire.data.hf_tokenizer import HFTokenizer
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
+from nemo_quagmire.data.batching import EncodedExample, PromptTemplate, encode_example
 from nemo_quagmire.trainer.callbacks import Callback, PolicyHandle, Tokenizer
-from nemo_quagmire.trainer.sft_steps import EncodedExample, PromptTemplate, encode_example
 from nemo_quagmire.utils.errors import InputError
 from nemo_quagmire.utils.json_lines import iter_json_lines
 

@@ -39,6 +39,7 @@ from nemo_quagmire.config.run import (
     model_from_preset,
 )
 from nemo_quagmire.config.run import FrozenConfig as _Config
+from nemo_quagmire.config.sft import SFTConfig, SFTDataConfig, SFTRunConfig
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig
 from nemo_quagmire.megatron.parallel import ParallelConfig, model_split_problems
 from nemo_quagmire.megatron.train_step import OptimConfig
@@ -49,12 +50,15 @@ __all__ = [
     "GRPOConfig",
     "GRPORunConfig",
     "LoggingConfig",
+    "SFT_WARMUP_SUBDIR",
     "RolloutConfig",
     "SFTWarmupConfig",
     "ValidationConfig",
     "VLLMConfig",
     "compose_run_config",
 ]
+
+SFT_WARMUP_SUBDIR = "sft_warmup"  # <run_dir>/sft_warmup: the warm-up's own run directory
 
 
 class GRPOConfig(_Config):
@@ -106,9 +110,6 @@ class GRPOConfig(_Config):
     )
     format_reward: float = Field(
         default=0.0, description="Added to the reward when a \\boxed{} answer exists."
-    )
-    max_consecutive_nonfinite: PositiveInt = Field(
-        default=3, description="Abort after this many steps in a row with a NaN/Inf loss (each is skipped)."
     )
 
     @field_validator("advantage_estimator")
@@ -221,11 +222,15 @@ class DataConfig(_Config):
 
 
 class SFTWarmupConfig(_Config):
-    """A short SFT on the task before GRPO (the embedded default starts from a random tiny model)."""
+    """A short SFT on the task before GRPO (the embedded default starts from a random tiny model): an SFT run
+    (`trainer.sft.SFTTrainer`) in `<run_dir>/sft_warmup`, one example per row, no validation."""
 
     steps: NonNegativeInt = Field(default=0, description="0 = none (start from checkpoint.load_from).")
-    batch_size: PositiveInt = Field(default=64, description="SFT examples per warm-up step.")
-    lr: PositiveFloat = Field(default=1e-3, description="Learning rate of the warm-up.")
+    batch_size: PositiveInt = Field(default=64, description="SFT examples per warm-up step, all ranks.")
+    optim: OptimConfig = Field(
+        default=OptimConfig(lr=1e-3, weight_decay=0.0, lr_warmup_steps=10),
+        description="The warm-up's optimizer and LR schedule (its own: SFT wants a far larger lr than GRPO).",
+    )
 
 
 class GRPORunConfig(_Config):
@@ -259,6 +264,35 @@ class GRPORunConfig(_Config):
         """Completion budget of validation: ``validation.max_new_tokens``, else the rollouts'."""
         return self.validation.max_new_tokens or self.rollout.max_new_tokens
 
+    def sft_warmup_run(self) -> SFTRunConfig:
+        """The SFT run of the warm-up: this run's model, layout, seed and initial weights; `sft_warmup`'s
+        steps, batch and optimizer; rows of one example padded to the step's longest, `grpo.micro_batch_size`
+        of them per micro-batch; a checkpoint at the end, no validation, no logging backends."""
+        return SFTRunConfig(
+            run_dir=str(Path(self.run_dir) / SFT_WARMUP_SUBDIR),
+            seed=self.seed,
+            gpus_per_node=self.gpus_per_node,
+            model=self.model,
+            parallel=self.parallel,
+            optim=self.sft_warmup.optim,
+            sft=SFTConfig(
+                global_batch_size=self.sft_warmup.batch_size,
+                micro_batch_size=self.grpo.micro_batch_size,
+                epochs=None,
+                max_steps=self.sft_warmup.steps,
+                seq_length=self.model.max_position_embeddings,
+                packing="none",
+            ),
+            data=SFTDataConfig(synthetic=self.data.synthetic, num_sft=self.data.num_sft),
+            checkpoint=CheckpointConfig(
+                interval=self.sft_warmup.steps, keep_last=1, load_from=self.checkpoint.load_from
+            ),
+            validation=ValidationConfig(
+                interval=self.sft_warmup.steps, at_start=False, benchmarks=(), heldout_loss=False
+            ),
+            logging=LoggingConfig(tensorboard=False, progress_bar=self.logging.progress_bar),
+        )
+
     @model_validator(mode="after")
     def _check(self) -> GRPORunConfig:
         if problems := model_split_problems(self.model, self.parallel):
@@ -285,6 +319,8 @@ class GRPORunConfig(_Config):
                 "sft_warmup applies to the synthetic task only; with data.task=jsonl start from an SFT "
                 "checkpoint (checkpoint.load_from) and set sft_warmup.steps=0"
             )
+        if self.sft_warmup.steps:
+            self.sft_warmup_run()  # its own rules (batch over data-parallel ranks, lengths) hold at the door
         if self.validation.heldout_source_missing(synthetic_task=self.data.task == "synthetic"):
             raise ValueError(HELDOUT_MISSING)
         self.validation.check_benchmarks_encodable(synthetic_task=self.data.task == "synthetic")

@@ -32,10 +32,10 @@ from nemo_quagmire.config.run import (
     compose_config,
     model_from_preset,
 )
+from nemo_quagmire.data.batching import Packing, PromptTemplate
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig
 from nemo_quagmire.megatron.parallel import ParallelConfig, model_split_problems
 from nemo_quagmire.megatron.train_step import OptimConfig
-from nemo_quagmire.trainer.sft_steps import Packing, PromptTemplate
 
 __all__ = ["SFT_CONF_DIR", "SFTConfig", "SFTDataConfig", "SFTRunConfig", "compose_sft_config"]
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nemo_quagmire.data.packing import pack_micro_batches
+from nemo_quagmire.data.batching import pack_micro_batches, padded_micro_batches
 
 __all__ = [
     "LogprobOutput",
@@ -237,7 +237,7 @@ def compute_logprobs(
         micro_batch_size: sequences per forward pass; ``B`` is padded up to a multiple internally.
         temperature: divide the logits by this (the sampling temperature).
         with_entropy: also return per-position entropies (vocab-parallel, no logits gathered).
-        packed: pack the sequences into rows (``data.packing.pack_micro_batches``; ``micro_batch_size``
+        packed: pack the sequences into rows (``data.batching.pack_micro_batches``; ``micro_batch_size``
             then counts packed rows) instead of padding each to ``T``: the same values, fewer tokens through
             the model. Needs attention that honours masks (:func:`honours_attention_masks`) and no pipeline
             parallelism.
@@ -268,8 +268,9 @@ def compute_logprobs(
             for part in parts
         ]
     else:
-        padded = _pad_batch(tokens, micro_batch_size, sequence_pad_multiple(model))
-        micro_batches = [{"tokens": chunk} for chunk in padded.split(micro_batch_size)]
+        micro_batches = padded_micro_batches(
+            {"tokens": tokens}, micro_batch_size, width_multiple=sequence_pad_multiple(model)
+        )
 
     def loss_func_for(micro_batch: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], tuple]:
         def loss_func(logits: torch.Tensor) -> tuple:
@@ -317,11 +318,3 @@ def compute_logprobs(
         positions = torch.arange(seq, device=device)
         out[field] = values.masked_fill(positions >= lengths[:, None], 0.0)
     return LogprobOutput(logprobs=out["logprobs"], entropy=out.get("entropy"))
-
-
-def _pad_batch(tokens: torch.Tensor, rows_multiple: int, seq_multiple: int) -> torch.Tensor:
-    """Right-pad ``[B, T]`` with token 0 to ``[B', T']``, multiples of the given sizes."""
-    batch, seq = tokens.shape
-    rows = -(-batch // rows_multiple) * rows_multiple
-    cols = -(-seq // seq_multiple) * seq_multiple
-    return torch.nn.functional.pad(tokens, (0, cols - seq, 0, rows - batch))

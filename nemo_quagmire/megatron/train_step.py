@@ -28,6 +28,7 @@ from pydantic import (
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
+    PositiveInt,
     model_validator,
 )
 
@@ -72,6 +73,11 @@ class OptimConfig(BaseModel):
     )
     use_distributed_optimizer: bool = Field(
         default=True, description="Shard optimizer state over data-parallel ranks (ZeRO-1)."
+    )
+    max_consecutive_nonfinite: PositiveInt = Field(
+        default=3,
+        description="Stop the run after this many steps in a row whose updates were all skipped for a "
+        "NaN/Inf loss or gradient (a single one is skipped with a warning).",
     )
 
     @model_validator(mode="after")

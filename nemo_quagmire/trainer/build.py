@@ -15,6 +15,7 @@ from nemo_quagmire.config.grpo import GRPORunConfig
 from nemo_quagmire.config.model import ModelConfig
 from nemo_quagmire.config.run import ValidationConfig
 from nemo_quagmire.config.sft import SFTRunConfig
+from nemo_quagmire.data.batching import PromptTemplate as ExampleTemplate
 from nemo_quagmire.data.hf_tokenizer import HFTokenizer
 from nemo_quagmire.data.jsonl import SFT_FIELDS, read_records
 from nemo_quagmire.data.synthetic import BENCHMARK_NAME, SyntheticSplits, generate_splits
@@ -24,7 +25,6 @@ from nemo_quagmire.rollout.base import SamplingParams
 from nemo_quagmire.trainer.callbacks import Callback, Tokenizer
 from nemo_quagmire.trainer.grpo import GRPOTrainer, Prompt
 from nemo_quagmire.trainer.sft import SFTTrainer
-from nemo_quagmire.trainer.sft_steps import PromptTemplate as ExampleTemplate
 from nemo_quagmire.utils.logging import get_logger
 
 __all__ = ["build_grpo_trainer", "build_sft_trainer", "math_prompt_fn", "validation_callbacks"]

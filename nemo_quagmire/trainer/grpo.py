@@ -27,7 +27,6 @@ here: colocated sleep mode (CUDA only), tensor-parallel engines, multi-node trai
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,13 +38,18 @@ import torch
 from nemo_quagmire.algorithms.advantages import compute_advantages, group_has_signal
 from nemo_quagmire.algorithms.losses import count_valid, policy_loss
 from nemo_quagmire.config.grpo import GRPOConfig, GRPORunConfig
-from nemo_quagmire.data.packing import pack_micro_batches
+from nemo_quagmire.data.batching import packed_sequence_micro_batches, padded_micro_batches
+from nemo_quagmire.megatron.checkpoint import latest_checkpoint
+from nemo_quagmire.megatron.hf import hf_config_from_model_config
 from nemo_quagmire.megatron.parallel import all_reduce_sum_data_parallel, data_parallel_rank_and_size
+from nemo_quagmire.megatron.policy import MegatronPolicy
+from nemo_quagmire.rewards.math_grader import MathGrader
+from nemo_quagmire.rewards.reward import math_reward
 from nemo_quagmire.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from nemo_quagmire.trainer.callbacks import Callback, Tokenizer
 from nemo_quagmire.trainer.metrics import StageTimer
-from nemo_quagmire.trainer.run import RunLoop, progress_bar
-from nemo_quagmire.trainer.sft_steps import encode_example, sft_step
+from nemo_quagmire.trainer.run import CHECKPOINT_SUBDIR, RunLoop, StepResult, update_skipped
+from nemo_quagmire.trainer.sft import SFTTrainer
 from nemo_quagmire.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -63,7 +67,6 @@ _TOKEN_MEAN_METRICS = frozenset(
         "tis_weight_mean",
     }
 )
-SFT_WARMUP_SUBDIR = "sft_warmup"
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,6 @@ class Prompt:
     id: str
     token_ids: tuple[int, ...]
     answer: str
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised after `grpo.max_consecutive_nonfinite` steps in a row with a NaN/Inf loss."""
 
 
 class GRPOTrainer(RunLoop):
@@ -106,27 +105,17 @@ class GRPOTrainer(RunLoop):
         self.cfg: GRPORunConfig = cfg
         self.prompts = list(prompts)
         self.sft_examples = list(sft_examples)
-        self._nonfinite_in_a_row = 0
 
     # ------------------------------------------------------------------ set-up (RunLoop hooks)
     def _after_setup(self) -> None:
-        from nemo_quagmire.megatron.logprobs import honours_attention_masks
-        from nemo_quagmire.rewards.math_grader import MathGrader
-
-        if self.cfg.grpo.packing == "packed" and not honours_attention_masks(self.trainer.model):
+        if self.cfg.grpo.packing == "packed" and not self.policy.honours_attention_masks:
             raise ValueError(
                 "grpo.packing=packed keeps packed sequences apart with an attention mask, which this model's "
                 "attention (Transformer Engine) ignores; set grpo.packing=none"
             )
-        self.reference = self._reference_model() if self.cfg.grpo.kl_coef > 0 else None
+        self.reference = self._reference_policy() if self.cfg.grpo.kl_coef > 0 else None
         self.engine = self._make_engine()
         self.grader = MathGrader(num_workers=1)
-
-    def _client_state(self) -> dict[str, Any]:
-        return {"nonfinite_in_a_row": self._nonfinite_in_a_row}
-
-    def _restore(self, client_state: Mapping[str, Any]) -> None:
-        self._nonfinite_in_a_row = int(client_state.get("nonfinite_in_a_row", 0))
 
     def _logprob_micro_batch_size(self) -> int:
         return self.cfg.grpo.micro_batch_size
@@ -135,71 +124,36 @@ class GRPOTrainer(RunLoop):
         return {
             "reward": f"{metrics['train/reward_mean']:.3f}",
             "step_s": f"{metrics['timing/step']:.2f}",
-            "tok_s": f"{metrics['train/tokens_per_s']:.0f}",
+            "tok_s": f"{metrics['timing/tokens_per_s']:.0f}",
         }
 
     def _close(self) -> None:
         self.grader.close()
         super()._close()
 
-    def _initial_weights(self, model: list[torch.nn.Module]) -> None:
+    def _initial_weights(self, policy: MegatronPolicy) -> None:
         """SFT warm-up result, `checkpoint.load_from`, or the random initialisation (in that order)."""
-        from nemo_quagmire.megatron.checkpoint import load_checkpoint
-
-        super()._initial_weights(model)
+        super()._initial_weights(policy)
         if self.cfg.sft_warmup.steps > 0:
-            warmup = self._sft_warmup(model)
-            load_checkpoint(warmup, model, model_cfg=self.cfg.model, restore_rng=False)
+            policy.load_weights(self._sft_warmup())
 
-    def _sft_warmup(self, model: list[torch.nn.Module]) -> Path:
-        """Run the SFT warm-up once (its checkpoint is reused by later runs and resumes)."""
-        from nemo_quagmire.megatron.checkpoint import latest_checkpoint, save_checkpoint
-        from nemo_quagmire.megatron.model import build_model
-        from nemo_quagmire.megatron.train_step import OptimConfig, setup_training
-
-        directory = self.run_dir / SFT_WARMUP_SUBDIR
-        done = latest_checkpoint(directory)
-        if done is not None:
-            return done
-        warm = self.cfg.sft_warmup
+    def _sft_warmup(self) -> Path:
+        """The SFT warm-up: an `SFTTrainer` run in `<run_dir>/sft_warmup` (`GRPORunConfig.sft_warmup_run`),
+        from the same initial weights; resumed like any run, so a finished warm-up is reused. Returns its
+        final checkpoint."""
         if not self.sft_examples:
             raise ValueError("sft_warmup.steps > 0 but there are no SFT examples (data.num_sft)")
-        warm_model = build_model(self.cfg.model, self.cfg.parallel)
-        for target, source in zip(warm_model, model, strict=True):
-            target.load_state_dict(source.state_dict())
-        trainer = setup_training(warm_model, OptimConfig(lr=warm.lr, weight_decay=0.0, lr_warmup_steps=10))
-        rng = random.Random(self.cfg.seed)
-        dp_rank, dp_size = data_parallel_rank_and_size()
-        progress = progress_bar(warm.steps, "SFT warm-up", self.cfg.logging.progress_bar)
-        for step in range(warm.steps):
-            batch = rng.sample(self.sft_examples, warm.batch_size)[dp_rank::dp_size]
-            encoded = [encode_example(example, self.tokenizer) for example in batch]
-            metrics = sft_step(
-                trainer,
-                encoded,
-                packing="none",
-                capacity=max(len(example) for example in encoded),
-                micro_batch_size=self.cfg.grpo.micro_batch_size,
-                pad_id=self.tokenizer.pad_id,
-            )
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}")
-            if step % 50 == 0 or step == warm.steps - 1:
-                logger.info("SFT warm-up step %d/%d: loss %.4f", step + 1, warm.steps, metrics["loss"])
-        if progress is not None:
-            progress.close()
-        return save_checkpoint(directory, warm.steps, trainer.model, model_cfg=self.cfg.model)
+        warmup = self.cfg.sft_warmup_run()
+        SFTTrainer(warmup, examples=self.sft_examples, tokenizer=self.tokenizer).fit()
+        done = latest_checkpoint(Path(warmup.run_dir) / CHECKPOINT_SUBDIR)
+        assert done is not None, "the SFT warm-up saves a checkpoint at its last step"
+        return done
 
-    def _reference_model(self) -> list[torch.nn.Module]:
+    def _reference_policy(self) -> MegatronPolicy:
         """A frozen copy of the initial policy for the KL penalty."""
-        from nemo_quagmire.megatron.model import build_model
-
-        reference = build_model(self.cfg.model, self.cfg.parallel)
-        for target, source in zip(reference, self.trainer.model, strict=True):
-            target.load_state_dict(source.module.state_dict())
-            target.requires_grad_(False)
-        return reference
+        reference = MegatronPolicy(self.cfg.model, self.cfg.parallel, seed=None)
+        reference.copy_weights_from(self.policy)
+        return reference.freeze()
 
     def _make_engine(self) -> RolloutEngine:
         """In-process on the policy, or vLLM servers started from an HF export of the policy's current weights
@@ -207,7 +161,6 @@ class GRPOTrainer(RunLoop):
         rollout = self.cfg.rollout
         if rollout.engine == "megatron":
             return super()._make_engine()
-        from nemo_quagmire.megatron.hf import export_hf, hf_config_from_model_config
         from nemo_quagmire.rollout.distributed import (
             DistributedRolloutEngine,
             gather_rank_places,
@@ -222,7 +175,7 @@ class GRPOTrainer(RunLoop):
             "eos_token_id": self.tokenizer.eos_id,
             "pad_token_id": self.tokenizer.pad_id,
         }
-        export_hf(self.trainer.model, hf_dir, self.cfg.model, hf_config)  # written by global rank 0
+        self.policy.export_hf(hf_dir, hf_config)  # written by global rank 0
         # The engine also serves validation, whose completion budget may exceed the rollouts'.
         max_new_tokens = max(rollout.max_new_tokens, self.cfg.validation_max_new_tokens)
         vllm = rollout.vllm
@@ -259,21 +212,13 @@ class GRPOTrainer(RunLoop):
         """This DP rank's prompts for the step: a draw seeded by (seed, step), whole groups per rank."""
         per_step = self.cfg.grpo.prompts_per_step
         dp_rank, dp_size = data_parallel_rank_and_size()
-        if per_step % dp_size:
-            raise ValueError(
-                f"grpo.prompts_per_step={per_step} must be divisible by the data-parallel size {dp_size}"
-            )
         rng = random.Random(f"{self.cfg.seed}/prompts/{self.step}")
         chosen = rng.sample(range(len(self.prompts)), min(per_step, len(self.prompts)))
         return [self.prompts[i] for i in chosen[dp_rank::dp_size]]
 
-    def train_one_step(self) -> dict[str, float]:
-        """One GRPO step (collective); returns its metrics (also logged and passed to callbacks)."""
-        from nemo_quagmire.megatron.train_step import train_step
-        from nemo_quagmire.rewards.reward import math_reward
-
+    def train_one_step(self, timer: StageTimer) -> StepResult:
+        """One GRPO step (collective) at `self.step`."""
         cfg, grpo = self.cfg, self.cfg.grpo
-        timer = StageTimer()
         prompts = self._step_prompts()
         sampling = SamplingParams(
             temperature=cfg.rollout.temperature,
@@ -307,61 +252,44 @@ class GRPOTrainer(RunLoop):
             )
             keep = group_has_signal(rewards, batch.prompt_index) if grpo.dynamic_sampling else None
 
-        metrics = self._rollout_metrics(batch, rewards, correct)
+        metrics, generated = self._rollout_metrics(batch, rewards, correct)
         rows_kept = torch.arange(len(rows)) if keep is None else keep.nonzero().flatten()
         metrics["train/kept_fraction"] = rows_kept.numel() / max(len(rows), 1)
 
         update: dict[str, float] = {}
+        updates = skipped = 0
         if all_reduce_sum_data_parallel(torch.tensor(float(rows_kept.numel()))).item() > 0:
             tokens, lengths = batch.tokens[rows_kept], batch.lengths[rows_kept]
             mask = batch.completion_mask[rows_kept]
             extra: dict[str, torch.Tensor] = {}
             with timer.stage("logprobs"):
                 if grpo.num_minibatches > 1 or not self.engine.shares_policy_weights:
-                    extra["old_logprobs"] = self._logprobs(self.trainer.model, tokens, lengths)
+                    extra["old_logprobs"] = self._logprobs(self.policy, tokens, lengths)
                 if self.reference is not None:
                     extra["ref_logprobs"] = self._logprobs(self.reference, tokens, lengths)
                 if grpo.tis_cap is not None:
                     extra["rollout_logprobs"] = batch.logprobs[rows_kept]
             with timer.stage("train"):
-                update = self._policy_updates(
-                    tokens,
-                    lengths,
-                    mask,
-                    advantages[rows_kept],
-                    batch.truncated[rows_kept],
-                    extra,
-                    train_step,
+                update, updates, skipped = self._policy_updates(
+                    tokens, lengths, mask, advantages[rows_kept], batch.truncated[rows_kept], extra
                 )
         else:
             logger.warning("step %d: every group has equal rewards; no update", self.step + 1)
 
         if not self.engine.shares_policy_weights:
             with timer.stage("weight_sync"):
-                from nemo_quagmire.megatron.hf import iter_hf_weights
+                self.engine.update_weights(self.policy.hf_weights())
 
-                self.engine.update_weights(iter_hf_weights(self.trainer.model, cfg.model))
+        return StepResult(metrics | update, tokens=generated, updates=updates, skipped_updates=skipped)
 
-        self.step += 1
-        metrics |= update
-        metrics |= timer.metrics()
-        generated = int(batch.completion_mask.sum())
-        metrics["train/tokens_per_s"] = generated / max(metrics["timing/step"], 1e-9)
-        self.metrics_logger.log(self.step, metrics)
-        self.callbacks.on_step_end(self.policy_handle(), metrics)
-        return metrics
-
-    def _logprobs(self, model: Sequence[torch.nn.Module], tokens: torch.Tensor, lengths: torch.Tensor):
-        from nemo_quagmire.megatron.logprobs import compute_logprobs
-
-        return compute_logprobs(
-            model,
+    def _logprobs(self, policy: MegatronPolicy, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return policy.logprobs(
             tokens,
             lengths,
             micro_batch_size=self.cfg.grpo.micro_batch_size,
             temperature=self.cfg.rollout.temperature,
             packed=self.cfg.grpo.packing == "packed",
-        ).logprobs
+        )
 
     def _policy_updates(
         self,
@@ -371,15 +299,17 @@ class GRPOTrainer(RunLoop):
         advantages: torch.Tensor,
         truncated: torch.Tensor,
         extra: dict[str, torch.Tensor],
-        train_step: Any,
-    ) -> dict[str, float]:
-        """`num_minibatches` optimizer steps over the rollout rows; skips non-finite steps."""
+    ) -> tuple[dict[str, float], int, int]:
+        """`num_minibatches` optimizer steps over the rollout rows; returns their metrics, how many updates
+        were attempted and how many of them were skipped (NaN/Inf loss or gradient: left out of the
+        metrics)."""
         grpo = self.cfg.grpo
         rows = torch.arange(tokens.shape[0])
         summed: dict[str, float] = {}
         real_and_slots = torch.zeros(
             2, dtype=torch.float64
         )  # tokens of the sequences, row positions computed
+        updates = skipped = 0
         for minibatch in rows.chunk(grpo.num_minibatches):
             excluded = truncated[minibatch] if grpo.mask_truncated else None
             num_tokens, num_seqs = count_valid(mask[minibatch], excluded)
@@ -396,39 +326,26 @@ class GRPOTrainer(RunLoop):
             }
             packed = grpo.packing == "packed"
             if packed:
-                micro = _packed_micro_batches(
+                micro = packed_sequence_micro_batches(
                     fields, lengths[minibatch], grpo.micro_batch_size, pad_id=self.tokenizer.pad_id
                 )
             else:
-                micro = _split_micro_batches(fields, grpo.micro_batch_size)
+                micro = padded_micro_batches(
+                    fields, grpo.micro_batch_size, width_multiple=self.policy.sequence_pad_multiple
+                )
             real_and_slots += torch.tensor(
                 [lengths[minibatch].sum().item(), sum(mb["tokens"].numel() for mb in micro)],
                 dtype=torch.float64,
             )
 
             loss_fn = _grpo_loss_fn(grpo, global_tokens, global_seqs)
-            result = train_step(
-                self.trainer,
-                micro,
-                loss_fn,
-                temperature=self.cfg.rollout.temperature,
-                variable_shapes=packed,
+            result = self.policy.train(
+                micro, loss_fn, temperature=self.cfg.rollout.temperature, variable_shapes=packed
             )
-            if not math.isfinite(result["loss"]) or not result["update_successful"]:
-                self._nonfinite_in_a_row += 1
-                logger.warning(
-                    "step %d: non-finite loss or gradient (%d in a row); the update was skipped",
-                    self.step + 1,
-                    self._nonfinite_in_a_row,
-                )
-                if self._nonfinite_in_a_row >= grpo.max_consecutive_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{self._nonfinite_in_a_row} steps in a row had a NaN/Inf loss or gradient (limit "
-                        f"grpo.max_consecutive_nonfinite={grpo.max_consecutive_nonfinite}); lower optim.lr, "
-                        "check the data, or resume from an earlier checkpoint"
-                    )
+            updates += 1
+            if update_skipped(result):
+                skipped += 1
                 continue
-            self._nonfinite_in_a_row = 0
             tokens_in_update = max(result["num_tokens"], 1.0)
             for name, value in result.items():
                 value = value / tokens_in_update if name in _TOKEN_MEAN_METRICS else value
@@ -437,11 +354,14 @@ class GRPOTrainer(RunLoop):
         metrics = {f"train/{k}": v / updates for k, v in summed.items()}
         real, slots = all_reduce_sum_data_parallel(real_and_slots).tolist()
         metrics["train/packing_efficiency"] = real / max(slots, 1.0)
-        return metrics
+        if updates:
+            metrics["train/update_successful"] = (updates - skipped) / updates
+        return metrics, updates, skipped
 
     def _rollout_metrics(
         self, batch: RolloutBatch, rewards: torch.Tensor, correct: torch.Tensor
-    ) -> dict[str, float]:
+    ) -> tuple[dict[str, float], float]:
+        """Rollout statistics over all ranks, and the completion tokens generated (all ranks)."""
         lengths = (batch.lengths - batch.prompt_lengths).double()
         totals = all_reduce_sum_data_parallel(
             torch.stack(
@@ -455,12 +375,13 @@ class GRPOTrainer(RunLoop):
             )
         )
         count, reward_sum, correct_sum, length_sum, truncated_sum = totals.tolist()
-        return {
+        metrics = {
             "train/reward_mean": reward_sum / count,
             "train/accuracy": correct_sum / count,
             "train/response_length": length_sum / count,
             "train/truncated_fraction": truncated_sum / count,
         }
+        return metrics, length_sum
 
 
 def _grpo_loss_fn(grpo: GRPOConfig, global_tokens: torch.Tensor, global_seqs: torch.Tensor) -> Any:
@@ -496,39 +417,3 @@ def _grpo_loss_fn(grpo: GRPOConfig, global_tokens: torch.Tensor, global_seqs: to
         return loss, {**weighted, "num_tokens": num}
 
     return loss_fn
-
-
-def _packed_micro_batches(
-    fields: dict[str, torch.Tensor], lengths: torch.Tensor, micro_batch_size: int, *, pad_id: int
-) -> list[dict[str, torch.Tensor]]:
-    """Micro-batches of ``micro_batch_size`` packed rows (``grpo.packing=packed``; see
-    ``data.packing.pack_micro_batches``). Each carries its packed ``tokens [r, C]``, ``segment_ids`` when a
-    row holds several sequences, ``unpack [n, T]`` and the other fields of its ``n`` sequences, one per row,
-    trimmed to their longest ``T``."""
-    result = []
-    for part in pack_micro_batches(fields["tokens"], lengths, micro_batch_size, pad_id=pad_id):
-        micro = {
-            name: value[part.sequences, : part.width] if value.dim() == 2 else value[part.sequences]
-            for name, value in fields.items()
-            if name != "tokens"
-        }
-        micro |= {"tokens": part.rows.tokens, "unpack": part.rows.unpack}
-        if part.needs_mask:
-            micro["segment_ids"] = part.rows.segment_ids
-        result.append(micro)
-    return result
-
-
-def _split_micro_batches(
-    fields: dict[str, torch.Tensor], micro_batch_size: int
-) -> list[dict[str, torch.Tensor]]:
-    """Equal-shape micro-batches (the last one padded with fully masked rows)."""
-    rows = fields["tokens"].shape[0]
-    pad = -rows % micro_batch_size
-    if pad:
-        fields = {
-            name: torch.cat([value, torch.zeros_like(value[:1]).expand(pad, *value.shape[1:])])
-            for name, value in fields.items()
-        }
-    chunks = {name: value.split(micro_batch_size) for name, value in fields.items()}
-    return [{name: parts[i] for name, parts in chunks.items()} for i in range(len(chunks["tokens"]))]

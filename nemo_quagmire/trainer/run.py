@@ -14,38 +14,46 @@ details; everything around it is here, once, so the two runs behave the same whe
   `checkpoint.interval` steps and at the end (keeping the newest `checkpoint.keep_last`), with a progress
   bar on rank 0 and every metric in metrics.jsonl (`MetricsLogger`); on SIGTERM, a checkpoint after the
   current step, then `Preempted` (`trainer.signals`);
+- the step's bookkeeping (`fit`): the step counter, `timing/*` of the step and `timing/tokens_per_s`,
+  logging every metric, `on_step_end` callbacks, and the non-finite guard (a step whose updates were all
+  skipped for a NaN/Inf loss or gradient is counted; `optim.max_consecutive_nonfinite` of them in a row stop
+  the run with `NonFiniteLossError`, in SFT and GRPO alike);
 - callbacks see the policy through a `PolicyHandle` (log-probs, generation, data-parallel reductions).
 
-Subclasses implement `train_one_step` and `_logprob_micro_batch_size`, and may override the hooks below.
+The model itself is a `megatron.policy.MegatronPolicy` (`self.policy`): this module schedules, the adapter
+computes. Subclasses implement `train_one_step` and `_logprob_micro_batch_size`, and may override the hooks
+below.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
-
-import torch
 
 from nemo_quagmire.config.model import ModelConfig
 from nemo_quagmire.config.run import CheckpointConfig, LoggingConfig, ValidationConfig
 from nemo_quagmire.config.source import write_model_dir
+from nemo_quagmire.megatron.checkpoint import resumable_checkpoint
+from nemo_quagmire.megatron.policy import MegatronPolicy
 from nemo_quagmire.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from nemo_quagmire.trainer.callbacks import Callback, CallbackList, PolicyHandle, Tokenizer
-from nemo_quagmire.trainer.metrics import MetricsLogger
+from nemo_quagmire.trainer.metrics import MetricsLogger, StageTimer
 from nemo_quagmire.trainer.signals import Preempted, stop_on_sigterm
 from nemo_quagmire.utils.io import atomic_write
 from nemo_quagmire.utils.logging import get_logger, global_rank
 
 __all__ = [
     "CHECKPOINT_SUBDIR",
+    "NonFiniteLossError",
     "RunConfig",
     "RunLoop",
-    "load_initial_weights",
-    "megatron_policy_handle",
-    "megatron_rollout_engine",
+    "StepResult",
     "progress_bar",
+    "update_skipped",
 ]
 
 logger = get_logger(__name__)
@@ -68,8 +76,36 @@ class RunConfig(Protocol):
     logging: LoggingConfig
 
 
+class NonFiniteLossError(RuntimeError):
+    """Raised after `optim.max_consecutive_nonfinite` steps in a row whose updates were all skipped."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a training step hands `fit`.
+
+    Attributes:
+        metrics: the step's `train/*` metrics (deterministic: a resumed run logs the same values).
+        tokens: tokens the step processed over all ranks (SFT: real tokens of the rows; GRPO: completion
+            tokens generated), for `timing/tokens_per_s`.
+        updates: optimizer updates the step attempted (0: nothing to train on, e.g. equal rewards).
+        skipped_updates: how many of them were skipped for a NaN/Inf loss or gradient.
+    """
+
+    metrics: dict[str, float]
+    tokens: float
+    updates: int = 1
+    skipped_updates: int = 0
+
+
+def update_skipped(update: Mapping[str, float]) -> bool:
+    """Whether an optimizer update (`MegatronPolicy.train`'s metrics) was skipped or its loss is NaN/Inf."""
+    return not math.isfinite(update["loss"]) or not update["update_successful"]
+
+
 class RunLoop:
-    """Set-up, resume, validation and checkpoint schedule, teardown of a run (see the module docstring).
+    """Set-up, resume, the step's bookkeeping, validation and checkpoint schedule, teardown of a run (see the
+    module docstring).
 
     Args:
         cfg: the validated run config.
@@ -99,38 +135,33 @@ class RunLoop:
         self.checkpoint_dir = self.run_dir / CHECKPOINT_SUBDIR
         self.max_steps = max_steps
         self.step = 0
-        self.trainer: Any = None  # megatron's Trainer (model, optimizer, scheduler), built by _setup
+        self.nonfinite_in_a_row = 0
+        self.policy: MegatronPolicy = None  # type: ignore[assignment]  # built by _setup
         self.engine: RolloutEngine | None = None
 
     # ------------------------------------------------------------------ hooks for subclasses
-    def train_one_step(self) -> dict[str, float]:
-        """One optimizer step (collective); returns its metrics, after logging them and calling callbacks."""
+    def train_one_step(self, timer: StageTimer) -> StepResult:
+        """One optimizer step (collective) at `self.step`, its stages timed with `timer`; `fit` counts,
+        logs and calls callbacks."""
         raise NotImplementedError
 
     def _logprob_micro_batch_size(self) -> int:
         """Rows per forward pass when callbacks ask for log-probs."""
         raise NotImplementedError
 
-    def _initial_weights(self, model: list[torch.nn.Module]) -> None:
+    def _initial_weights(self, policy: MegatronPolicy) -> None:
         """Weights of a fresh run (not called on resume): `checkpoint.load_from`, else the random init."""
         if self.cfg.checkpoint.load_from is not None:
-            load_initial_weights(model, self.cfg.checkpoint.load_from, self.cfg.model)
+            policy.load_weights(self.cfg.checkpoint.load_from)
 
     def _after_setup(self) -> None:
         """Build what the step needs besides model and optimizer (engines, graders, reference models)."""
 
     def _make_engine(self) -> RolloutEngine:
         """The generation engine (built on first use unless `_after_setup` built it): in-process."""
-        return megatron_rollout_engine(self.trainer.model, self.cfg.model, self.tokenizer, seed=self.cfg.seed)
+        return self.policy.rollout_engine(self.tokenizer, seed=self.cfg.seed)
 
-    def _client_state(self) -> dict[str, Any]:
-        """The trainer's own state saved with each checkpoint (besides the step)."""
-        return {}
-
-    def _restore(self, client_state: Mapping[str, Any]) -> None:
-        """Restore `_client_state` after a resume."""
-
-    def _progress_postfix(self, metrics: Mapping[str, float]) -> dict[str, str]:
+    def _progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         """What the progress bar shows after a step."""
         return {}
 
@@ -142,29 +173,17 @@ class RunLoop:
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> int | None:
         """Build model and optimizer, load initial weights or resume; returns the resumed step or None."""
-        from nemo_quagmire.megatron.checkpoint import load_checkpoint, resumable_checkpoint
-        from nemo_quagmire.megatron.model import build_model
-        from nemo_quagmire.megatron.parallel import set_random_seed
-        from nemo_quagmire.megatron.train_step import setup_training
-
         cfg = self.cfg
         resume_from = resumable_checkpoint(self.checkpoint_dir) if cfg.checkpoint.resume == "auto" else None
-        set_random_seed(cfg.seed)  # the initial weights depend on the seed alone, not on what ran before
-        model = build_model(cfg.model, cfg.parallel)
+        self.policy = MegatronPolicy(cfg.model, cfg.parallel, seed=cfg.seed)
         if resume_from is None:
-            self._initial_weights(model)
-        self.trainer = setup_training(model, cfg.optim)
+            self._initial_weights(self.policy)
+        self.policy.attach_optimizer(cfg.optim)
         resumed_step = None
         if resume_from is not None:
-            state = load_checkpoint(
-                resume_from,
-                self.trainer.model,
-                model_cfg=cfg.model,
-                optimizer=self.trainer.optimizer,
-                scheduler=self.trainer.scheduler,
-            )
+            state = self.policy.resume(resume_from)
             resumed_step = self.step = int(state["step"])
-            self._restore(state)
+            self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
             logger.info("resumed from %s (step %d)", resume_from, self.step)
         if global_rank() == 0:  # what evaluate.py and export_hf.py read beside the checkpoints
             write_model_dir(self.run_dir, cfg.model, self.tokenizer, cfg.checkpoint.load_from)
@@ -184,8 +203,7 @@ class RunLoop:
         return self.engine.generate(prompts, group_size, sampling)
 
     def policy_handle(self) -> PolicyHandle:
-        return megatron_policy_handle(
-            self.trainer.model,
+        return self.policy.handle(
             step=self.step,
             run_dir=self.run_dir,
             tokenizer=self.tokenizer,
@@ -215,7 +233,7 @@ class RunLoop:
             )
             with stop_on_sigterm() as stop:
                 while self.step < self.max_steps:
-                    last = self.train_one_step()
+                    last = self._step()
                     if progress is not None:
                         progress.update(1)
                         progress.set_postfix(self._progress_postfix(last))
@@ -237,6 +255,41 @@ class RunLoop:
             self._close()
         return last
 
+    def _step(self) -> dict[str, float]:
+        """One step with its bookkeeping: count, time, log, call back, guard against non-finite updates."""
+        timer = StageTimer()
+        result = self.train_one_step(timer)
+        self.step += 1
+        metrics = result.metrics | timer.metrics()
+        metrics["timing/tokens_per_s"] = result.tokens / max(metrics["timing/step"], 1e-9)
+        self.metrics_logger.log(self.step, metrics)
+        self.callbacks.on_step_end(self.policy_handle(), metrics)
+        self._guard_nonfinite(result)
+        return metrics
+
+    def _guard_nonfinite(self, result: StepResult) -> None:
+        if result.skipped_updates == 0:
+            if result.updates:
+                self.nonfinite_in_a_row = 0
+            return
+        limit = self.cfg.optim.max_consecutive_nonfinite
+        if result.skipped_updates == result.updates:
+            self.nonfinite_in_a_row += 1
+        logger.warning(
+            "step %d: non-finite loss or gradient in %d of %d updates, skipped (%d steps in a row without "
+            "an applied update)",
+            self.step,
+            result.skipped_updates,
+            result.updates,
+            self.nonfinite_in_a_row,
+        )
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} steps in a row had a NaN/Inf loss or gradient (limit "
+                f"optim.max_consecutive_nonfinite={limit}); lower optim.lr, check the data, or resume from "
+                "an earlier checkpoint"
+            )
+
     def _validate(self) -> None:
         metrics = self.callbacks.on_validation(self.policy_handle())
         if metrics:
@@ -249,91 +302,10 @@ class RunLoop:
             )
 
     def _save(self) -> Path:
-        from nemo_quagmire.megatron.checkpoint import save_checkpoint
-
-        path = save_checkpoint(
-            self.checkpoint_dir,
-            self.step,
-            self.trainer.model,
-            model_cfg=self.cfg.model,
-            optimizer=self.trainer.optimizer,
-            scheduler=self.trainer.scheduler,
-            client_state={"step": self.step, **self._client_state()},
-            keep_last=self.cfg.checkpoint.keep_last,
-        )
+        client_state = {"step": self.step, "nonfinite_in_a_row": self.nonfinite_in_a_row}
+        path = self.policy.save(self.checkpoint_dir, self.step, client_state, self.cfg.checkpoint.keep_last)
         self.callbacks.on_checkpoint(self.policy_handle(), path)
         return path
-
-
-def load_initial_weights(model: list[torch.nn.Module], path: str | Path, model_cfg: ModelConfig) -> None:
-    """Load weights (only) from an HF directory or from a checkpoint of this project (`checkpoint_meta.json`
-    inside), into this rank's model chunks; collective."""
-    from nemo_quagmire.megatron.checkpoint import META_FILE, load_checkpoint
-
-    if (Path(path) / META_FILE).is_file():
-        load_checkpoint(path, model, model_cfg=model_cfg, restore_rng=False)
-    else:
-        from nemo_quagmire.megatron.hf import load_hf_weights
-
-        load_hf_weights(model, path, model_cfg)
-    logger.info("initial weights from %s", path)
-
-
-def megatron_rollout_engine(
-    model: Sequence[torch.nn.Module],
-    model_cfg: ModelConfig,
-    tokenizer: Tokenizer,
-    *,
-    seed: int,
-    max_batch_size: int = 256,
-) -> RolloutEngine:
-    """KV-cached generation on the trainer's own parameters (no weight sync needed)."""
-    from nemo_quagmire.megatron.rollout_engine import MegatronRolloutEngine
-
-    return MegatronRolloutEngine(
-        model,
-        model_cfg,
-        pad_id=tokenizer.pad_id,
-        eos_id=tokenizer.eos_id,
-        max_batch_size=max_batch_size,
-        seed=seed,
-    )
-
-
-def megatron_policy_handle(
-    model: Sequence[torch.nn.Module],
-    *,
-    step: int,
-    run_dir: Path,
-    tokenizer: Tokenizer,
-    generate: Any,
-    micro_batch_size: int,
-) -> PolicyHandle:
-    """The `PolicyHandle` of megatron model chunks: log-probs through `compute_logprobs`, reductions over the
-    data-parallel group."""
-    from nemo_quagmire.megatron.logprobs import compute_logprobs
-    from nemo_quagmire.megatron.parallel import (
-        all_gather_objects_data_parallel,
-        all_reduce_sum_data_parallel,
-        data_parallel_rank_and_size,
-    )
-
-    dp_rank, dp_size = data_parallel_rank_and_size()
-
-    def logprobs(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return compute_logprobs(model, tokens, lengths, micro_batch_size=micro_batch_size).logprobs
-
-    return PolicyHandle(
-        step=step,
-        run_dir=run_dir,
-        tokenizer=tokenizer,
-        logprobs=logprobs,
-        generate=generate,
-        all_reduce_sum=all_reduce_sum_data_parallel,
-        all_gather_objects=all_gather_objects_data_parallel,
-        data_parallel_rank=dp_rank,
-        data_parallel_size=dp_size,
-    )
 
 
 def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0) -> Any:

@@ -16,13 +16,13 @@ _spec.loader.exec_module(bench)
 
 
 def test_an_engine_is_measured_through_the_pass_at_k_evaluation(megatron_world1):
-    from nemo_quagmire.megatron.model import build_model
     from nemo_quagmire.megatron.parallel import ParallelConfig
-    from nemo_quagmire.trainer.run import megatron_rollout_engine
+    from nemo_quagmire.megatron.policy import MegatronPolicy
 
-    model = build_model(bench.MODEL, ParallelConfig())
     tokenizer = bench.CharTokenizer()
-    engine = megatron_rollout_engine(model, bench.MODEL, tokenizer, seed=0, max_batch_size=8)
+    engine = MegatronPolicy(bench.MODEL, ParallelConfig(), seed=0).rollout_engine(
+        tokenizer, seed=0, max_batch_size=8
+    )
     problems = bench.held_out_problems(3)
     result = bench.measure(engine.generate, tokenizer, problems, 4, max_new_tokens=8, rows_per_batch=8)
     assert result["samples"] == 12 and 12 <= result["tokens"] <= 12 * 8

@@ -16,10 +16,10 @@ _spec.loader.exec_module(bench)
 
 
 def test_a_warmed_up_model_is_measured_with_and_without_overlap(megatron_world1):
-    from nemo_quagmire.megatron.model import build_model
     from nemo_quagmire.megatron.parallel import ParallelConfig
+    from nemo_quagmire.megatron.policy import MegatronPolicy
 
-    model = build_model(bench.MODEL, ParallelConfig())
+    model = MegatronPolicy(bench.MODEL, ParallelConfig(), seed=0)
     tokenizer = bench.CharTokenizer()
     assert bench.warm_up(model, tokenizer, steps=2) > 0
     problems = bench.held_out_problems(3)

@@ -9,12 +9,12 @@ import torch
 
 from nemo_quagmire.callbacks.heldout_loss import HeldOutLossCallback
 from nemo_quagmire.callbacks.passk import PassAtKCallback, eval_dir
+from nemo_quagmire.data.batching import encode_example
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig, generate_splits
 from nemo_quagmire.eval.benchmarks import Problem
 from nemo_quagmire.eval.samples import read_samples
 from nemo_quagmire.predict.runs import validation_records
 from nemo_quagmire.rollout.base import SamplingParams
-from nemo_quagmire.trainer.sft_steps import encode_example
 from tests.callbacks.scripted import TOKENIZER, handle, scripted_generate
 
 pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed (pip install lightning)")

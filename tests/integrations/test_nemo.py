@@ -28,6 +28,7 @@ llm = pytest.importorskip("nemo.collections.llm", reason="nemo-toolkit is not in
 
 from nemo_quagmire.callbacks.heldout_loss import HeldOutLossCallback  # noqa: E402
 from nemo_quagmire.callbacks.passk import PassAtKCallback  # noqa: E402
+from nemo_quagmire.data.batching import encode_example  # noqa: E402
 from nemo_quagmire.data.hf_tokenizer import HFTokenizer  # noqa: E402
 from nemo_quagmire.data.synthetic import BENCHMARK_NAME, SyntheticTaskConfig, generate_splits  # noqa: E402
 from nemo_quagmire.eval.benchmarks import Problem  # noqa: E402
@@ -38,7 +39,6 @@ from nemo_quagmire.integrations.lightning import (  # noqa: E402
 from nemo_quagmire.integrations.nemo import QuagmireGPTModel  # noqa: E402
 from nemo_quagmire.predict.runs import validation_records  # noqa: E402
 from nemo_quagmire.rollout.base import SamplingParams  # noqa: E402
-from nemo_quagmire.trainer.sft_steps import encode_example  # noqa: E402
 from tests.integrations.nemo_cpu_shims import cpu_data_step, nemo_on_cpu  # noqa: E402
 from tests.integrations.pass_at_k_reference import regraded_pass_at_k  # noqa: E402
 from tests.integrations.tiny_tokenizer import VOCAB_SIZE, write_tokenizer  # noqa: E402

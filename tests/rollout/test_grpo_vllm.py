@@ -156,10 +156,10 @@ def _initial_policy(cfg: GRPORunConfig) -> list[torch.nn.Module]:
     """The policy GRPO started from: the SFT warm-up's checkpoint."""
     from nemo_quagmire.megatron.checkpoint import latest_checkpoint, load_checkpoint
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.trainer.grpo import SFT_WARMUP_SUBDIR
+    from nemo_quagmire.trainer.run import CHECKPOINT_SUBDIR
 
     model = build_model(cfg.model, cfg.parallel)
-    warmup = latest_checkpoint(Path(cfg.run_dir) / SFT_WARMUP_SUBDIR)
+    warmup = latest_checkpoint(Path(cfg.sft_warmup_run().run_dir) / CHECKPOINT_SUBDIR)
     load_checkpoint(warmup, model, model_cfg=cfg.model, restore_rng=False)
     return model
 

@@ -26,14 +26,14 @@ def test_vllm_serves_an_export_with_its_tokenizer_and_chat_template(
     from nemo_quagmire.config.source import load_tokenizer, read_checkpoint_source, write_model_dir
     from nemo_quagmire.megatron.hf import export_hf
     from nemo_quagmire.megatron.logprobs import compute_logprobs
-    from nemo_quagmire.megatron.model import build_model
     from nemo_quagmire.megatron.parallel import ParallelConfig
+    from nemo_quagmire.megatron.policy import MegatronPolicy
     from nemo_quagmire.rollout.vllm_engine import VLLMRolloutEngine
-    from nemo_quagmire.trainer.run import load_initial_weights
 
     source = read_checkpoint_source(tiny_chat_model)
-    model = build_model(source.model, ParallelConfig())
-    load_initial_weights(model, tiny_chat_model, source.model)
+    policy = MegatronPolicy(source.model, ParallelConfig(), seed=0)
+    policy.load_weights(tiny_chat_model)
+    model = policy.chunks
     ours = load_tokenizer(tiny_chat_model)
     model_dir = write_model_dir(tmp_path / "run", source.model, ours, tiny_chat_model)
     export = tmp_path / "export"

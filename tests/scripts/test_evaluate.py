@@ -41,20 +41,16 @@ def checkpoint(tmp_path_factory, megatron_world1) -> tuple[Path, float]:
     `<run_dir>/hf`), and its held-out loss computed in-process."""
     from nemo_quagmire.megatron.checkpoint import save_checkpoint
     from nemo_quagmire.megatron.hf import export_hf
-    from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig, set_random_seed
-    from nemo_quagmire.trainer.run import megatron_policy_handle
+    from nemo_quagmire.megatron.parallel import ParallelConfig
+    from nemo_quagmire.megatron.policy import MegatronPolicy
 
     run_dir = tmp_path_factory.mktemp("run")
-    set_random_seed(5)
-    model = build_model(MODEL, ParallelConfig())
-    path = save_checkpoint(run_dir / "checkpoints", 5, model, model_cfg=MODEL)
-    export_hf(model, run_dir / "hf", MODEL)
+    policy = MegatronPolicy(MODEL, ParallelConfig(), seed=5)
+    path = save_checkpoint(run_dir / "checkpoints", 5, policy.chunks, model_cfg=MODEL)
+    export_hf(policy.chunks, run_dir / "hf", MODEL)
     tokenizer = CharTokenizer()
     tokenizer.save(run_dir)
-    handle = megatron_policy_handle(
-        model, step=5, run_dir=run_dir, tokenizer=tokenizer, generate=None, micro_batch_size=4
-    )
+    handle = policy.handle(step=5, run_dir=run_dir, tokenizer=tokenizer, generate=None, micro_batch_size=4)
     loss = HeldOutLossCallback(HELDOUT, tokenizer).on_validation(handle)["val/heldout_loss/token_mean"]
     return path, loss
 

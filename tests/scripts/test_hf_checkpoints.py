@@ -91,19 +91,18 @@ def _finish(process: subprocess.Popen, expected_code: int = 0) -> tuple[str, str
 
 
 def _import_as_checkpoint(hf_dir: Path, run_dir: Path) -> Path:
-    """import(x): what a run does with checkpoint.load_from=hf_dir (load_initial_weights, its model dir),
-    saved as a step-0 checkpoint without any training in between."""
+    """import(x): what a run does with checkpoint.load_from=hf_dir (MegatronPolicy.load_weights, its model
+    dir), saved as a step-0 checkpoint without any training in between."""
     from nemo_quagmire.config.source import load_tokenizer, read_checkpoint_source, write_model_dir
     from nemo_quagmire.megatron.checkpoint import save_checkpoint
-    from nemo_quagmire.megatron.model import build_model
     from nemo_quagmire.megatron.parallel import ParallelConfig
-    from nemo_quagmire.trainer.run import load_initial_weights
+    from nemo_quagmire.megatron.policy import MegatronPolicy
 
     model_cfg = read_checkpoint_source(hf_dir).model
-    model = build_model(model_cfg, ParallelConfig())
-    load_initial_weights(model, hf_dir, model_cfg)
+    policy = MegatronPolicy(model_cfg, ParallelConfig(), seed=0)
+    policy.load_weights(hf_dir)
     write_model_dir(run_dir, model_cfg, load_tokenizer(hf_dir), hf_dir)
-    return save_checkpoint(run_dir / "checkpoints", 0, model, model_cfg=model_cfg)
+    return save_checkpoint(run_dir / "checkpoints", 0, policy.chunks, model_cfg=model_cfg)
 
 
 def _load(checkpoint: Path) -> list[torch.nn.Module]:

@@ -12,8 +12,8 @@ import torch
 from nemo_quagmire.config.grpo import GRPORunConfig
 from nemo_quagmire.trainer.build import build_grpo_trainer
 from nemo_quagmire.trainer.callbacks import Callback
-from nemo_quagmire.trainer.grpo import NonFiniteLossError
 from nemo_quagmire.trainer.metrics import read_metrics
+from nemo_quagmire.trainer.run import NonFiniteLossError
 
 
 def tiny_run(run_dir, **sections) -> GRPORunConfig:
@@ -90,28 +90,33 @@ def test_two_steps_log_bounded_metrics_save_checkpoints_and_call_every_hook(tmp_
     assert last["train/lr"] == pytest.approx(5e-5)
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert checkpoints == ["step_00000002"]  # keep_last=1 pruned step 1
-    assert (tmp_path / "sft_warmup" / "step_00000002").is_dir()
+    # The warm-up is an SFT run of its own, with its checkpoint and metrics.
+    assert (tmp_path / "sft_warmup" / "checkpoints" / "step_00000002").is_dir()
+    warmup = read_metrics(tmp_path / "sft_warmup" / "metrics.jsonl")
+    assert [r["step"] for r in warmup] == [1, 2] and all(math.isfinite(r["train/loss"]) for r in warmup)
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, megatron_world1, monkeypatch, caplog):
-    import nemo_quagmire.megatron.train_step as train_step_module
+    from nemo_quagmire.megatron.policy import MegatronPolicy
 
-    def nan_step(trainer, micro_batches, loss_fn, *, temperature=1.0, variable_shapes=False):
+    def nan_update(self, micro_batches, loss_fn, *, temperature=1.0, variable_shapes=False):
         return {"loss": math.nan, "grad_norm": math.nan, "lr": 0.0, "update_successful": 0.0}
 
-    monkeypatch.setattr(train_step_module, "train_step", nan_step)
+    monkeypatch.setattr(MegatronPolicy, "train", nan_update)
     cfg = tiny_run(
         tmp_path,
         max_steps=5,
         sft_warmup={"steps": 0},
-        grpo={"max_consecutive_nonfinite": 2},
+        optim={"max_consecutive_nonfinite": 2},
         validation={"interval": 100},
     )
     trainer = build_grpo_trainer(cfg)
     with pytest.raises(NonFiniteLossError, match="2 steps in a row.*max_consecutive_nonfinite=2"):
         trainer.fit()
-    assert "non-finite loss or gradient (1 in a row); the update was skipped" in caplog.text
-    assert trainer.step == 1  # step 1 was skipped and counted; step 2 aborted
+    assert "non-finite loss or gradient in 1 of 1 updates, skipped (1 steps in a row" in caplog.text
+    assert trainer.step == 2  # both steps were skipped, counted and logged; the second one stopped the run
+    logged = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/update_successful" in r]
+    assert [(r["step"], r["train/update_successful"]) for r in logged] == [(1, 0.0), (2, 0.0)]
 
 
 def test_a_model_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path):
@@ -123,8 +128,6 @@ def test_a_model_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path):
 def _one_policy_update(run_dir, packing: str, loss_agg: str, batch: dict):
     """One GRPO policy update of a fresh tiny model (same seed, same initial weights) on a fixed batch;
     the update's metrics and the gradient it applied."""
-    from nemo_quagmire.megatron.train_step import train_step
-
     cfg = tiny_run(
         run_dir,
         sft_warmup={"steps": 0},
@@ -134,16 +137,15 @@ def _one_policy_update(run_dir, packing: str, loss_agg: str, batch: dict):
     trainer = build_grpo_trainer(cfg)
     trainer._setup()
     try:
-        metrics = trainer._policy_updates(
+        metrics, _, _ = trainer._policy_updates(
             batch["tokens"],
             batch["lengths"],
             batch["mask"],
             batch["advantages"],
             batch["truncated"],
             {},
-            train_step,
         )
-        gradient = torch.cat([p.main_grad.flatten() for p in trainer.trainer.model[0].parameters()])
+        gradient = torch.cat([p.main_grad.flatten() for p in trainer.policy.chunks[0].parameters()])
     finally:
         trainer._close()
     return metrics, gradient
@@ -174,21 +176,3 @@ def test_packed_policy_update_is_the_padded_update(tmp_path, megatron_world1, lo
     assert packed["train/grad_norm"] == pytest.approx(padded["train/grad_norm"], rel=1e-5)
     assert padded_gradient.abs().max() > 1e-3  # a real update, not two zero gradients
     torch.testing.assert_close(packed_gradient, padded_gradient, atol=1e-6, rtol=1e-4)
-
-
-def test_packed_micro_batches_put_single_sequence_rows_first_without_a_mask():
-    from nemo_quagmire.trainer.grpo import _packed_micro_batches
-
-    lengths = torch.tensor([20, 7, 30, 9, 12, 30, 5, 18])
-    tokens = torch.arange(8)[:, None].expand(8, 30) + 1  # row i holds token i + 1
-    fields = {"tokens": tokens, "mask": torch.ones(8, 30, dtype=torch.bool), "advantages": torch.arange(8.0)}
-    micro = _packed_micro_batches(fields, lengths, 2, pad_id=0)
-
-    assert [mb["tokens"].shape for mb in micro] == [(2, 30), (2, 30), (1, 12)]
-    assert ["segment_ids" in mb for mb in micro] == [False, True, True]
-    # Sequences 2 and 5 (length 30) alone; then 0 + 3 and 7 + 4 (20 + 9, 18 + 12); then 1 + 6 (7 + 5).
-    assert [mb["advantages"].tolist() for mb in micro] == [[2.0, 5.0], [0.0, 3.0, 7.0, 4.0], [1.0, 6.0]]
-    for mb in micro:
-        unpacked = mb["tokens"].flatten()[mb["unpack"]]  # one sequence per row again
-        assert torch.equal(unpacked[:, 0] - 1, mb["advantages"].long())
-        assert mb["mask"].shape == mb["unpack"].shape
