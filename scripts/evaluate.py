@@ -451,6 +451,9 @@ def evaluate_checkpoints(args: argparse.Namespace) -> list[dict[str, Any]]:
     """
     engine_kwargs = engine_arguments(args)
     jobs = plan(args, engine_kwargs)
+    if any(job.done is None and _needs_megatron(job, args) for job in jobs):
+        needed_by = "evaluate.py (held-out loss, --engine megatron, or an export for vLLM)"
+        errors.require_extra("train", errors.TRAIN_MODULES, needed_by=needed_by)
     engines = VLLMEngines(args, engine_kwargs) if args.engine == "vllm" else None
     results = []
     try:
@@ -472,18 +475,32 @@ def evaluate_checkpoints(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
+def _needs_megatron(job: Job, args: argparse.Namespace) -> bool:
+    """Whether `evaluate_job` builds the model on megatron-core (held-out loss, in-process sampling, an
+    export for vLLM)."""
+    in_process = job.passk is not None and args.engine == "megatron"
+    export = job.passk is not None and args.engine == "vllm" and not (_hf_dir(job) / "config.json").is_file()
+    return bool(job.others) or in_process or export
+
+
+def _hf_dir(job: Job) -> Path:
+    """Where vLLM loads the job's weights: the checkpoint if it is an HF directory, else its export."""
+    from nemo_quagmire.megatron.checkpoint import META_FILE
+
+    return job.out / HF_SUBDIR if (job.checkpoint / META_FILE).is_file() else job.checkpoint
+
+
 def evaluate_job(job: Job, args: argparse.Namespace, engines: VLLMEngines | None) -> dict[str, Any]:
     """Held-out loss on the Megatron model; pass@k on it or on the vLLM engines (after an HF export)."""
-    from nemo_quagmire.megatron.checkpoint import META_FILE
     from nemo_quagmire.megatron.parallel import ParallelConfig, parallel_context
     from nemo_quagmire.megatron.policy import MegatronPolicy
     from nemo_quagmire.trainer.callbacks import PolicyHandle
 
     metrics: dict[str, float] = {}
-    hf_dir = job.out / HF_SUBDIR if (job.checkpoint / META_FILE).is_file() else job.checkpoint
+    hf_dir = _hf_dir(job)
     passk_here = job.passk is not None and engines is None
     export = engines is not None and job.passk is not None and not (hf_dir / "config.json").is_file()
-    if passk_here or export or job.others:
+    if _needs_megatron(job, args):
         with parallel_context(job.model_cfg, ParallelConfig(), seed=args.seed):
             policy = MegatronPolicy(job.model_cfg, ParallelConfig(), seed=None)  # seeded by parallel_context
             policy.load_weights(job.checkpoint)

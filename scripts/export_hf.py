@@ -25,15 +25,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from nemo_quagmire.utils.errors import TRAIN_MODULES, InputError, cli_main, require_extra
 from nemo_quagmire.utils.logging import configure_logging, get_logger
 
 logger = get_logger("scripts.export_hf")
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class InputError(ValueError):
-    """An argument or input is invalid (exit code 2)."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -84,6 +81,7 @@ def check_inputs(args: argparse.Namespace):
 def export(args: argparse.Namespace) -> Path:
     """Load the checkpoint's weights and write `args.out` atomically; returns it."""
     source = check_inputs(args)  # before the heavy imports: bad input fails fast
+    require_extra("train", TRAIN_MODULES, needed_by="export_hf.py (the checkpoint loads on megatron-core)")
 
     import torch
 
@@ -111,13 +109,11 @@ def export(args: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
-    try:
-        out = export(parse_args(argv))
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(out)  # the script's output: where the export is
-    return 0
+
+    def run() -> None:
+        print(export(parse_args(argv)))  # the script's output: where the export is
+
+    return cli_main(run)
 
 
 if __name__ == "__main__":

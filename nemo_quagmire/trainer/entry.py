@@ -22,7 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nemo_quagmire.utils.errors import EXIT_INPUT_ERROR, EXIT_PREEMPTED, InputError, cli_main
+from nemo_quagmire.utils.errors import (
+    EXIT_INPUT_ERROR,
+    EXIT_PREEMPTED,
+    TRAIN_MODULES,
+    InputError,
+    cli_main,
+    require_extra,
+)
 
 __all__ = ["hydra_entry", "plan_or_train"]
 
@@ -38,6 +45,8 @@ def hydra_entry(
     argv: list[str] | None = None,
 ) -> int:
     """Run a training script: Hydra's command line (`--config-name`, `key=value` overrides) -> exit code."""
+    if code := cli_main(lambda: require_extra("train", TRAIN_MODULES, needed_by=f"training ({what})")):
+        return code
     import hydra
     from omegaconf import DictConfig
 

@@ -11,6 +11,7 @@ so an input error leaves nothing behind.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import sys
 from collections.abc import Callable
 
@@ -19,8 +20,10 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_PREEMPTED",
     "OUTPUT_ERRNOS",
+    "TRAIN_MODULES",
     "InputError",
     "cli_main",
+    "require_extra",
 ]
 
 EXIT_INPUT_ERROR = 2
@@ -32,6 +35,24 @@ OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES
 
 class InputError(ValueError):
     """Bad user input: the message names the file:line or key, the value and the fix (exit code 2)."""
+
+
+TRAIN_MODULES = ("hydra", "omegaconf", "megatron.core")  # what the [train] extra adds to the light base
+
+
+def require_extra(extra: str, modules: tuple[str, ...], *, needed_by: str) -> None:
+    """Raise `InputError` naming the install command when a module of a pip extra is missing (a light
+    install running a training entry point), before anything imports it."""
+
+    def present(module: str) -> bool:
+        parts = module.split(".")
+        return all(importlib.util.find_spec(".".join(parts[: i + 1])) is not None for i in range(len(parts)))
+
+    if missing := [module for module in modules if not present(module)]:
+        raise InputError(
+            f"{needed_by} needs the [{extra}] install ({', '.join(missing)} missing here); run "
+            f'pip install -c constraints.txt -e ".[{extra}]" from the repository (or use the NGC container)'
+        )
 
 
 def cli_main(main: Callable[[], int | None], *, prefix: str = "error") -> int:

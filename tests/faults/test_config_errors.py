@@ -129,3 +129,22 @@ def test_sft_config_errors_exit_2(tmp_path, capsys):
     code = _train("train_sft", tmp_path / "run", "optim.lr=-1")
     err = capsys.readouterr().err
     assert code == 2 and "optim.lr" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script", ["train_grpo", "train_sft"])
+def test_a_light_install_is_told_to_install_the_train_extra(script, tmp_path, monkeypatch, capsys):
+    """On the light base (no megatron-core, no Hydra) a training script names the extra to install, exit 2,
+    before Hydra is imported or anything is written."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def light_install(name, *args, **kwargs):
+        return None if name.split(".")[0] in {"megatron", "hydra"} else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", light_install)
+    assert _train(script, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "needs the [train] install (hydra, megatron.core missing here)" in err
+    assert 'pip install -c constraints.txt -e ".[train]"' in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
