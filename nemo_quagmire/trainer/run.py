@@ -52,7 +52,6 @@ __all__ = [
     "RunConfig",
     "RunLoop",
     "StepResult",
-    "progress_bar",
     "update_skipped",
 ]
 
@@ -228,7 +227,7 @@ class RunLoop:
             self.callbacks.on_train_start(self.policy_handle())
             if resumed_step is None and cfg.validation.at_start:
                 self._validate()
-            progress = progress_bar(
+            progress = _progress_bar(
                 self.max_steps, self.progress_label, cfg.logging.progress_bar, initial=self.step
             )
             with stop_on_sigterm() as stop:
@@ -308,7 +307,7 @@ class RunLoop:
         return path
 
 
-def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0) -> Any:
+def _progress_bar(total: int, desc: str, enabled: bool, initial: int = 0) -> Any:
     """A tqdm bar on rank 0 when enabled, else None."""
     if not enabled or global_rank() != 0:
         return None

@@ -123,7 +123,7 @@ class Run:
 def run(megatron_world1, tmp_path_factory: pytest.TempPathFactory) -> Run:
     import torch.distributed as dist
 
-    import nemo_quagmire.megatron.train_step as train_step_module
+    import nemo_quagmire.megatron.policy as train_step_module  # MegatronPolicy.train calls its train_step
     from nemo_quagmire.trainer.build import build_grpo_trainer
 
     cfg = compose_run_config("tiny", [*RUN, f"run_dir={tmp_path_factory.mktemp('grpo_vllm')}"])
