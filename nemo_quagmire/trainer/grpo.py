@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from nemo_quagmire.algorithms.advantages import compute_advantages, group_has_signal
-from nemo_quagmire.algorithms.losses import count_valid, policy_loss
+from nemo_quagmire.algorithms.losses import ClippedPolicyLoss, count_valid
 from nemo_quagmire.config.grpo import GRPOConfig, GRPORunConfig
 from nemo_quagmire.data.packing import pack_micro_batches
 from nemo_quagmire.megatron.parallel import all_reduce_sum_data_parallel, data_parallel_rank_and_size
@@ -50,19 +50,6 @@ from nemo_quagmire.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-# Metrics of policy_loss that are means over valid tokens (combined across micro-batches by token weight).
-_TOKEN_MEAN_METRICS = frozenset(
-    {
-        "clip_frac_low",
-        "clip_frac_high",
-        "dual_clip_frac",
-        "approx_kl",
-        "ratio_mean",
-        "kl",
-        "entropy",
-        "tis_weight_mean",
-    }
-)
 SFT_WARMUP_SUBDIR = "sft_warmup"
 
 
@@ -106,6 +93,7 @@ class GRPOTrainer(RunLoop):
         self.cfg: GRPORunConfig = cfg
         self.prompts = list(prompts)
         self.sft_examples = list(sft_examples)
+        self.policy_loss = policy_loss_from_config(cfg.grpo)
         self._nonfinite_in_a_row = 0
 
     # ------------------------------------------------------------------ set-up (RunLoop hooks)
@@ -373,10 +361,16 @@ class GRPOTrainer(RunLoop):
         extra: dict[str, torch.Tensor],
         train_step: Any,
     ) -> dict[str, float]:
-        """`num_minibatches` optimizer steps over the rollout rows; skips non-finite steps."""
+        """`num_minibatches` optimizer steps over the rollout rows; skips non-finite steps.
+
+        Each update's metrics cover its own tokens (train_step combines micro-batches and ranks as each metric
+        declares); over the updates of a step, maxes (`ratio_max`) are maxed and everything else is averaged
+        with equal weight per applied update, so `train/clip_frac_low` with `num_minibatches=2` is the mean of
+        the two updates' fractions (a skipped update counts in none of them).
+        """
         grpo = self.cfg.grpo
         rows = torch.arange(tokens.shape[0])
-        summed: dict[str, float] = {}
+        updates: list[dict[str, float]] = []
         real_and_slots = torch.zeros(
             2, dtype=torch.float64
         )  # tokens of the sequences, row positions computed
@@ -406,13 +400,14 @@ class GRPOTrainer(RunLoop):
                 dtype=torch.float64,
             )
 
-            loss_fn = _grpo_loss_fn(grpo, global_tokens, global_seqs)
+            loss_fn = _grpo_loss_fn(self.policy_loss, global_tokens, global_seqs)
             result = train_step(
                 self.trainer,
                 micro,
                 loss_fn,
                 temperature=self.cfg.rollout.temperature,
                 variable_shapes=packed,
+                with_entropy=True,
             )
             if not math.isfinite(result["loss"]) or not result["update_successful"]:
                 self._nonfinite_in_a_row += 1
@@ -429,12 +424,12 @@ class GRPOTrainer(RunLoop):
                     )
                 continue
             self._nonfinite_in_a_row = 0
-            tokens_in_update = max(result["num_tokens"], 1.0)
-            for name, value in result.items():
-                value = value / tokens_in_update if name in _TOKEN_MEAN_METRICS else value
-                summed[name] = summed.get(name, 0.0) + value
-        updates = max(grpo.num_minibatches, 1)
-        metrics = {f"train/{k}": v / updates for k, v in summed.items()}
+            updates.append(result)
+        metrics: dict[str, float] = {}
+        for name in updates[0] if updates else ():
+            values = [update[name] for update in updates]
+            is_max = self.policy_loss.METRIC_REDUCTIONS.get(name) == "max"
+            metrics[f"train/{name}"] = max(values) if is_max else sum(values) / len(values)
         real, slots = all_reduce_sum_data_parallel(real_and_slots).tolist()
         metrics["train/packing_efficiency"] = real / max(slots, 1.0)
         return metrics
@@ -463,37 +458,42 @@ class GRPOTrainer(RunLoop):
         }
 
 
-def _grpo_loss_fn(grpo: GRPOConfig, global_tokens: torch.Tensor, global_seqs: torch.Tensor) -> Any:
+def policy_loss_from_config(grpo: GRPOConfig) -> ClippedPolicyLoss:
+    """The run's policy loss, built (and its settings checked) once."""
+    return ClippedPolicyLoss(
+        clip_low=grpo.clip_low,
+        clip_high=grpo.clip_high,
+        dual_clip=grpo.dual_clip,
+        agg=grpo.loss_agg,
+        token_sum_normalizer=grpo.token_sum_normalizer,
+        kl_coef=grpo.kl_coef,
+        kl_estimator=grpo.kl_estimator,
+        mask_truncated=grpo.mask_truncated,
+        tis_cap=grpo.tis_cap,
+    )
+
+
+def _grpo_loss_fn(
+    policy_loss: ClippedPolicyLoss, global_tokens: torch.Tensor, global_seqs: torch.Tensor
+) -> Any:
     """The per-micro-batch loss of one policy update, normalized by the update's global counts."""
 
-    def loss_fn(logprobs: torch.Tensor, mb: dict[str, torch.Tensor]):
+    def loss_fn(logprobs: torch.Tensor, mb: dict[str, torch.Tensor], entropy: torch.Tensor | None = None):
         if "unpack" in mb:  # packed rows [r, C] -> one sequence per row [n, T]
             logprobs = logprobs.flatten()[mb["unpack"]]
-        loss, metrics = policy_loss(
+            entropy = None if entropy is None else entropy.flatten()[mb["unpack"]]
+        return policy_loss(
             logprobs,
             mb.get("old_logprobs", logprobs.detach()),  # on-policy: ratio exactly 1, no extra forward pass
             mb["advantages"],
             mb["mask"],
-            clip_low=grpo.clip_low,
-            clip_high=grpo.clip_high,
-            dual_clip=grpo.dual_clip,
-            agg=grpo.loss_agg,
-            ref_logprobs=mb.get("ref_logprobs"),
-            kl_coef=grpo.kl_coef,
-            kl_estimator=grpo.kl_estimator,
             global_num_tokens=global_tokens,
             global_num_seqs=global_seqs,
-            token_sum_normalizer=grpo.token_sum_normalizer,
-            truncated=mb["truncated"],
-            mask_truncated=grpo.mask_truncated,
+            ref_logprobs=mb.get("ref_logprobs"),
             rollout_logprobs=mb.get("rollout_logprobs"),
-            tis_cap=grpo.tis_cap,
+            truncated=mb["truncated"],
+            entropy=entropy,
         )
-        # policy_loss's metrics are means over this micro-batch's tokens: weight them by its tokens so that
-        # train_step's sums over micro-batches and ranks divide into step-level means.
-        num = metrics["num_tokens"]
-        weighted = {k: v * num for k, v in metrics.items() if k in _TOKEN_MEAN_METRICS}
-        return loss, {**weighted, "num_tokens": num}
 
     return loss_fn
 

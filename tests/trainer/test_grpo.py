@@ -96,7 +96,9 @@ def test_two_steps_log_bounded_metrics_save_checkpoints_and_call_every_hook(tmp_
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, megatron_world1, monkeypatch, caplog):
     import nemo_quagmire.megatron.train_step as train_step_module
 
-    def nan_step(trainer, micro_batches, loss_fn, *, temperature=1.0, variable_shapes=False):
+    def nan_step(
+        trainer, micro_batches, loss_fn, *, temperature=1.0, variable_shapes=False, with_entropy=False
+    ):
         return {"loss": math.nan, "grad_norm": math.nan, "lr": 0.0, "update_successful": 0.0}
 
     monkeypatch.setattr(train_step_module, "train_step", nan_step)
@@ -172,6 +174,8 @@ def test_packed_policy_update_is_the_padded_update(tmp_path, megatron_world1, lo
     assert packed["train/packing_efficiency"] == pytest.approx(131 / 132)
     assert packed["train/loss"] == pytest.approx(padded["train/loss"], rel=1e-5, abs=1e-7)
     assert packed["train/grad_norm"] == pytest.approx(padded["train/grad_norm"], rel=1e-5)
+    # The entropy the loss gets is unpacked like the log-probs: the same token mean either way.
+    assert 0 < packed["train/entropy"] == pytest.approx(padded["train/entropy"], rel=1e-5)
     assert padded_gradient.abs().max() > 1e-3  # a real update, not two zero gradients
     torch.testing.assert_close(packed_gradient, padded_gradient, atol=1e-6, rtol=1e-4)
 
