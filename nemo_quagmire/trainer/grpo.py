@@ -407,6 +407,8 @@ class GRPOTrainer(RunLoop):
                 loss_fn,
                 temperature=self.cfg.rollout.temperature,
                 variable_shapes=packed,
+                # Always: a falling entropy is the first sign of entropy collapse (DAPO); it costs one pass
+                # over the logits and a bounded transient, no activations, and never the loss or gradient.
                 with_entropy=True,
             )
             if not math.isfinite(result["loss"]) or not result["update_successful"]:
