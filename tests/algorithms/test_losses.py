@@ -478,6 +478,7 @@ def test_split_metrics_pool_to_the_whole_batch_metrics(options, layout):
     )
     for name, value in expected.items():
         assert pooled[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+        assert whole[name].reduction == ClippedPolicyLoss.METRIC_REDUCTIONS[name], name
 
     # Independent references, straight from the problem's tensors.
     kept = problem["mask"] & ~(problem["truncated"][:, None] if opts else torch.zeros(B, 1, dtype=torch.bool))
