@@ -1,41 +1,57 @@
 """Clipped policy-gradient loss for GRPO-family training, with explicit global normalizers.
 
-A training step splits one batch into micro-batches and data-parallel ranks, and the gradient must not depend
-on the split. Mean-style reductions computed per micro-batch break that (a micro-batch with few tokens gets
-the same weight as one with many), so normalization is part of the API here: every reduction divides by a
-*global* count passed in by the caller (``global_num_tokens``, ``global_num_seqs``), and the losses of all
-micro-batches on all ranks SUM to the full-batch loss. The trainer computes the counts with
-:func:`count_valid` per micro-batch and sums them (all-reduce SUM across data-parallel ranks).
+A training step splits one batch into micro-batches and data-parallel ranks, and neither the gradient nor the
+logged metrics may depend on the split. Two rules make that hold:
+
+- **Losses divide by global counts.** Mean-style reductions computed per micro-batch would give a micro-batch
+  with few tokens the same weight as one with many, so every reduction divides by a *global* count passed in
+  by the caller (``global_num_tokens``, ``global_num_seqs``), and the losses of all micro-batches on all
+  ranks SUM to the full-batch loss. The trainer computes the counts with :func:`count_valid` per
+  micro-batch and sums them (all-reduce SUM across data-parallel ranks).
+- **Metrics say how they combine.** Each metric is a :class:`Metric`: a token or sequence mean with its
+  count, a sum, or a max. :func:`pool_metrics` combines those of micro-batches and ranks into the values of
+  the whole batch (weighted means, sums, maxes) without a table of names on the caller's side.
 
 Gradients must then be SUMMED across ranks: if the data-parallel wrapper averages them (torch DDP does;
 megatron-core DDP does unless ``calculate_per_token_loss`` is set), multiply the loss by the DP world size.
 
-Padding positions may hold anything (even values whose ``exp`` overflows): they are replaced by neutral values
-before any arithmetic, so they reach neither the loss nor the gradient.
+:class:`ClippedPolicyLoss` is built once from the run's settings, which it checks in its constructor, and is
+then called per micro-batch with tensors only. Padding positions may hold anything (even values whose ``exp``
+overflows): they are replaced by neutral values before any arithmetic, so they reach neither the loss, nor
+the gradient, nor a metric.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from numbers import Real
-from typing import Literal, get_args
+from types import MappingProxyType
+from typing import ClassVar, Literal, get_args
 
 import torch
 
 __all__ = [
     "AGG_MODES",
     "KL_ESTIMATORS",
+    "METRIC_REDUCTIONS",
     "AggMode",
+    "ClippedPolicyLoss",
     "KLEstimator",
+    "Metric",
+    "MetricReduction",
     "aggregate_loss",
     "count_valid",
     "kl_penalty",
-    "policy_loss",
+    "pool_metrics",
 ]
 
 KLEstimator = Literal["k1", "k2", "k3"]
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+MetricReduction = Literal["mean", "sum", "max"]
 KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
 AGG_MODES: tuple[str, ...] = get_args(AggMode)
+METRIC_REDUCTIONS: tuple[str, ...] = get_args(MetricReduction)
 
 Normalizer = float | torch.Tensor
 
@@ -72,6 +88,10 @@ def kl_penalty(
     """
     _check_choice(estimator, KL_ESTIMATORS, "KL estimator")
     _check_shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs")
+    return _kl_penalty(logprobs, ref_logprobs, estimator)
+
+
+def _kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
     log_ratio = ref_logprobs - logprobs
     if estimator == "k1":
         return -log_ratio
@@ -87,8 +107,8 @@ def count_valid(
 
     Args:
         mask: [B, T], nonzero at tokens that count in the loss.
-        truncated: Bool[B] or None; sequences marked True are left out (pass it exactly when the loss is
-            called with ``mask_truncated=True``).
+        truncated: Bool[B] or None; sequences marked True are left out (pass it exactly when the loss
+            masks truncated sequences, ``ClippedPolicyLoss(mask_truncated=True)``).
 
     Returns:
         ``(num_tokens, num_seqs)``: 0-dim long tensors; a sequence counts when it keeps at least one token.
@@ -134,6 +154,17 @@ def _normalizer(value: Normalizer | None, local: torch.Tensor) -> Normalizer:
     return value.reshape(()) if isinstance(value, torch.Tensor) else value
 
 
+def _check_agg(agg: str, token_sum_normalizer: float | None) -> None:
+    _check_choice(agg, AGG_MODES, "loss aggregation mode")
+    if (agg == "seq-mean-token-sum-norm") != (token_sum_normalizer is not None):
+        raise ValueError(
+            f"token_sum_normalizer={token_sum_normalizer!r} with agg={agg!r}: seq-mean-token-sum-norm needs "
+            "it (e.g. the max response length) and the other modes do not take it"
+        )
+    if token_sum_normalizer is not None and not token_sum_normalizer > 0:
+        raise ValueError(f"token_sum_normalizer must be > 0, got {token_sum_normalizer}")
+
+
 def aggregate_loss(
     per_token: torch.Tensor,
     mask: torch.Tensor,
@@ -172,18 +203,24 @@ def aggregate_loss(
         ValueError: for an unknown mode, a missing or misplaced ``token_sum_normalizer``, a non-positive
             normalizer or mismatched shapes.
     """
-    _check_choice(agg, AGG_MODES, "loss aggregation mode")
-    if (agg == "seq-mean-token-sum-norm") != (token_sum_normalizer is not None):
-        raise ValueError(
-            f"token_sum_normalizer={token_sum_normalizer!r} with agg={agg!r}: seq-mean-token-sum-norm needs "
-            "it (e.g. the max response length) and the other modes do not take it"
-        )
-    if token_sum_normalizer is not None and not token_sum_normalizer > 0:
-        raise ValueError(f"token_sum_normalizer must be > 0, got {token_sum_normalizer}")
+    _check_agg(agg, token_sum_normalizer)
     _check_normalizer(global_num_tokens, "global_num_tokens")
     _check_normalizer(global_num_seqs, "global_num_seqs")
     _check_shape("per_token", per_token, mask.shape, "mask")
-    valid = _effective_mask(mask, None)
+    return _aggregate(
+        per_token, _effective_mask(mask, None), agg, global_num_tokens, global_num_seqs, token_sum_normalizer
+    )
+
+
+def _aggregate(
+    per_token: torch.Tensor,
+    valid: torch.Tensor,
+    agg: AggMode,
+    global_num_tokens: Normalizer | None,
+    global_num_seqs: Normalizer | None,
+    token_sum_normalizer: float | None,
+) -> torch.Tensor:
+    """:func:`aggregate_loss` on checked arguments; ``valid`` is Bool[B, T]."""
     masked = torch.where(valid, per_token, torch.zeros_like(per_token))
     if agg == "token-mean":
         return masked.sum() / _normalizer(global_num_tokens, valid.sum())
@@ -195,28 +232,109 @@ def aggregate_loss(
     return seq_loss.sum() / _normalizer(global_num_seqs, (seq_tokens > 0).sum())
 
 
-def policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    agg: AggMode = "token-mean",
-    ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: KLEstimator = "k3",
-    *,
-    global_num_tokens: Normalizer | None = None,
-    global_num_seqs: Normalizer | None = None,
-    token_sum_normalizer: float | None = None,
-    truncated: torch.Tensor | None = None,
-    mask_truncated: bool = False,
-    rollout_logprobs: torch.Tensor | None = None,
-    tis_cap: float | None = None,
-    entropy: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+# ---------------------------------------------------------------------------------------------------------
+# Metrics that combine exactly over micro-batches and ranks
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric of a (micro-)batch, in the form that combines exactly over micro-batches and ranks.
+
+    ``value`` reads on its own as this batch's figure; ``reduction`` says how the figures of several batches
+    combine (:func:`pool_metrics`):
+
+    - ``mean``: the mean over ``weight`` items (tokens or sequences); batches combine to
+      ``sum(value * weight) / sum(weight)``, the mean over all their items (not a mean of batch means);
+    - ``sum``: added (counts, the loss itself);
+    - ``max``: the largest (an all-reduce MAX across data-parallel ranks).
+
+    Attributes:
+        value: 0-dim, detached.
+        reduction: ``mean``, ``sum`` or ``max``.
+        weight: 0-dim count behind a ``mean``; None for the other reductions.
+    """
+
+    value: torch.Tensor
+    reduction: MetricReduction = "sum"
+    weight: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self.reduction, METRIC_REDUCTIONS, "metric reduction")
+        if (self.reduction == "mean") != (self.weight is not None):
+            raise ValueError(
+                f"a {self.reduction!r} metric {'needs' if self.reduction == 'mean' else 'takes no'} weight "
+                "(the count of items a mean is over)"
+            )
+
+
+AllReduce = Callable[[torch.Tensor, Literal["sum", "max"]], torch.Tensor]
+
+
+def pool_metrics(
+    parts: Sequence[Mapping[str, Metric | torch.Tensor | float]], all_reduce: AllReduce | None = None
+) -> dict[str, float]:
+    """The metrics of a whole batch from those of its micro-batches (and, with ``all_reduce``, its ranks).
+
+    Means are weighted by their counts, sums added, maxes maxed; a plain tensor or number is a sum. The sums
+    (each mean's ``value * weight`` and ``weight`` included) travel in one stacked tensor, the maxes in
+    another, so a data-parallel reduction is two all-reduces; a mean divides once, at the end (Python float).
+
+    Args:
+        parts: the metrics of each micro-batch; every part names the same metrics with the same reductions.
+        all_reduce: ``all_reduce(tensor, "sum" | "max") -> tensor`` reducing over data-parallel ranks (every
+            rank passes the same names in the same order), or None for a single rank.
+
+    Returns:
+        ``{name: value}`` of the whole batch; a mean over zero items is 0.
+    """
+    if not parts:
+        raise ValueError("pool_metrics needs the metrics of at least one micro-batch")
+    metrics = [{name: _as_metric(value) for name, value in part.items()} for part in parts]
+    layout = {name: metric.reduction for name, metric in metrics[0].items()}
+    for part in metrics[1:]:
+        if {name: metric.reduction for name, metric in part.items()} != layout:
+            raise ValueError(
+                f"micro-batches report different metrics: {sorted(layout)} vs {sorted(part)}; every "
+                "micro-batch must report the same names with the same reductions"
+            )
+    summed = [name for name, reduction in layout.items() if reduction != "max"]
+    means = [name for name, reduction in layout.items() if reduction == "mean"]
+    maxed = [name for name, reduction in layout.items() if reduction == "max"]
+
+    def reduce(rows: list[list[torch.Tensor]], op: Literal["sum", "max"]) -> list[float]:
+        if not rows[0]:
+            return []
+        stacked = torch.stack([torch.stack([x.reshape(()) for x in row]) for row in rows])  # [parts, K]
+        total = stacked.sum(0) if op == "sum" else stacked.amax(0)
+        return (total if all_reduce is None else all_reduce(total, op)).tolist()
+
+    sums = reduce(
+        [
+            [part[n].value * part[n].weight if n in means else part[n].value for n in summed]
+            + [part[n].weight for n in means]
+            for part in metrics
+        ],
+        "sum",
+    )
+    maxes = reduce([[part[n].value for n in maxed] for part in metrics], "max")
+    result = dict(zip(summed, sums[: len(summed)], strict=True)) | dict(zip(maxed, maxes, strict=True))
+    for name, weight in zip(means, sums[len(summed) :], strict=True):
+        result[name] /= max(weight, 1.0)
+    return {name: result[name] for name in layout}
+
+
+def _as_metric(value: Metric | torch.Tensor | float) -> Metric:
+    return value if isinstance(value, Metric) else Metric(torch.as_tensor(value))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The clipped policy loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClippedPolicyLoss:
     """PPO clipped surrogate with asymmetric clipping, optional dual clip, KL penalty and TIS correction.
 
     Per valid token, with ``r = exp(log pi - log pi_old)`` and advantage ``A``:
@@ -242,149 +360,216 @@ def policy_loss(
     then ``l`` is reduced by :func:`aggregate_loss` with ``agg``. Gradients flow through ``logprobs`` only;
     the other inputs are detached.
 
-    DAPO overlong filtering: with ``mask_truncated=True`` the sequences flagged in ``truncated`` contribute
+    DAPO overlong filtering: with ``mask_truncated=True`` the sequences flagged ``truncated`` contribute
     nothing, and the default normalizers count only the kept sequences and tokens. A trainer splitting the
     batch must compute the global normalizers the same way: ``count_valid(mask, truncated)``.
 
-    Args:
-        logprobs: Float[B, T], log pi of the sampled tokens under the policy being trained.
-        old_logprobs: Float[B, T], log pi_old of the same tokens (the policy that owns the advantages).
-        advantages: Float[B] (one per sequence, broadcast over tokens) or Float[B, T].
-        mask: [B, T], nonzero at response tokens that count in the loss.
+    The settings are checked once, here; a call checks only its tensors. The defaults are those of
+    ``GRPOConfig`` (a test keeps them equal).
+
+    Attributes:
         clip_low: Lower clip range, in [0, 1): the ratio is clamped at ``1 - clip_low``.
-        clip_high: Upper clip range, >= 0 (DAPO uses 0.28).
+        clip_high: Upper clip range, >= 0 (0.2 is PPO's; DAPO's clip-higher uses 0.28).
         dual_clip: The constant ``c > 1`` of dual clip (3.0 in the paper), or None to disable.
         agg: Loss aggregation mode, see :func:`aggregate_loss`.
-        ref_logprobs: Float[B, T] log pi_ref, or None. Required when ``kl_coef > 0``; with ``kl_coef == 0``
-            it only feeds the ``kl`` metric.
-        kl_coef: Weight of the KL penalty, >= 0.
+        token_sum_normalizer: Dr.GRPO's constant, see :func:`aggregate_loss`.
+        kl_coef: Weight of the KL penalty, >= 0; > 0 needs ``ref_logprobs`` at every call.
         kl_estimator: ``k1``, ``k2`` or ``k3``, see :func:`kl_penalty`.
-        global_num_tokens: See :func:`aggregate_loss`.
-        global_num_seqs: See :func:`aggregate_loss`.
-        token_sum_normalizer: See :func:`aggregate_loss`.
-        truncated: Bool[B], True for completions cut at the max length, or None.
-        mask_truncated: Leave the ``truncated`` sequences out of the loss (needs ``truncated``).
-        rollout_logprobs: Float[B, T] log-probs reported by the rollout engine, or None; needs ``tis_cap``.
-        tis_cap: Cap of the TIS weight (> 0, e.g. 2.0), or None; needs ``rollout_logprobs``.
-        entropy: Float[B, T] per-token policy entropy, or None; only reported as a metric.
-
-    Returns:
-        ``(loss, metrics)``. ``loss`` is 0-dim. ``metrics`` maps names to detached 0-dim tensors (float32, or
-        float64 for float64 inputs), so a caller can stack and all-reduce them. They are local to this call:
-        means are over its valid tokens (``num_tokens`` of them; weight by it when combining), ``ratio_max``
-        is a max.
-
-        - ``clip_frac_low``: fraction of tokens with ``A < 0`` and ``r < 1 - clip_low`` (the clipped term is
-          chosen; zero gradient). ``clip_frac_high``: ``A > 0`` and ``r > 1 + clip_high``.
-        - ``dual_clip_frac``: ``A < 0`` and ``r > dual_clip`` (0 when dual clip is off).
-        - ``approx_kl``: k3 estimate of KL(pi_old || pi), mean of ``r - 1 - log r``.
-        - ``ratio_mean``, ``ratio_max``, ``num_tokens``.
-        - ``kl`` (if ``ref_logprobs``): mean ``kl_penalty`` before ``kl_coef``; ``entropy`` (if given);
-          ``tis_weight_mean`` (if TIS); ``truncated_frac`` (if ``truncated``): fraction of sequences with
-          valid tokens that are truncated, counted before masking.
-
-    Raises:
-        ValueError: for out-of-range clip values, ``dual_clip <= 1``, a negative ``kl_coef``, ``kl_coef > 0``
-            without ``ref_logprobs``, ``mask_truncated`` without ``truncated``, only one of
-            ``rollout_logprobs``/``tis_cap``, unknown ``agg``/``kl_estimator`` and mismatched shapes.
+        mask_truncated: Leave the ``truncated`` sequences out of the loss (every call then needs them).
+        tis_cap: Cap of the TIS weight (> 0, e.g. 2.0), or None; set, every call needs ``rollout_logprobs``.
     """
-    if not 0 <= clip_low < 1:
-        raise ValueError(f"clip_low must be in [0, 1) so that 1 - clip_low > 0, got {clip_low}; typical: 0.2")
-    if not clip_high >= 0:
-        raise ValueError(f"clip_high must be >= 0, got {clip_high}; typical: 0.2 (DAPO clip-higher: 0.28)")
-    if dual_clip is not None and not dual_clip > 1:
-        raise ValueError(f"dual_clip must be > 1 (3.0 in the paper) or None to disable, got {dual_clip}")
-    if not kl_coef >= 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-    if kl_coef > 0 and ref_logprobs is None:
-        raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs; pass them or set kl_coef=0")
-    if mask_truncated and truncated is None:
-        raise ValueError("mask_truncated=True needs truncated (Bool[B]); pass it or set mask_truncated=False")
-    if (rollout_logprobs is None) != (tis_cap is None):
-        raise ValueError(
-            "the TIS correction needs both rollout_logprobs and tis_cap; pass both to enable it, neither to "
-            f"disable it (got rollout_logprobs={'set' if rollout_logprobs is not None else None}, "
-            f"tis_cap={tis_cap})"
-        )
-    if tis_cap is not None and not tis_cap > 0:
-        raise ValueError(f"tis_cap must be > 0, got {tis_cap}; verl's examples use 2.0")
-    _check_choice(kl_estimator, KL_ESTIMATORS, "KL estimator")
-    _check_choice(agg, AGG_MODES, "loss aggregation mode")
-    if logprobs.ndim != 2 or logprobs.numel() == 0:
-        raise ValueError(f"logprobs must be a non-empty [B, T] tensor, got shape {tuple(logprobs.shape)}")
-    shape = logprobs.shape
-    for name, tensor in [
-        ("old_logprobs", old_logprobs),
-        ("mask", mask),
-        ("ref_logprobs", ref_logprobs),
-        ("rollout_logprobs", rollout_logprobs),
-        ("entropy", entropy),
-    ]:
-        if tensor is not None:
-            _check_shape(name, tensor, shape, "logprobs")
-    if truncated is not None:
-        _check_truncated(truncated, shape[0])
-    if advantages.shape not in (shape, shape[:1]):
-        raise ValueError(
-            f"advantages must be [B] = [{shape[0]}] or [B, T] = {list(shape)}, got {tuple(advantages.shape)}"
-        )
 
-    valid = _effective_mask(mask, truncated if mask_truncated else None)  # [B, T]
-    zeros = torch.zeros_like(logprobs)
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: float | None = None
+    agg: AggMode = "token-mean"
+    token_sum_normalizer: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+    mask_truncated: bool = False
+    tis_cap: float | None = None
 
-    def valid_only(x: torch.Tensor) -> torch.Tensor:
-        return torch.where(valid, x, zeros)
-
-    log_ratio = valid_only(logprobs - old_logprobs.detach())  # padding -> ratio 1, so exp cannot overflow
-    ratio = torch.exp(log_ratio)  # [B, T]
-    adv = advantages.detach().to(logprobs.dtype)
-    adv = valid_only(adv[:, None].expand(shape) if adv.ndim == 1 else adv)  # [B, T]
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
-    if dual_clip is not None:
-        per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * dual_clip), per_token)
-    if tis_cap is not None:
-        tis_weight = torch.exp(valid_only(old_logprobs - rollout_logprobs).detach()).clamp(max=tis_cap)
-        per_token = per_token * tis_weight
-    if ref_logprobs is not None:
-        kl = kl_penalty(valid_only(logprobs), valid_only(ref_logprobs.detach()), kl_estimator)  # [B, T]
-        if kl_coef > 0:
-            per_token = per_token + kl_coef * kl
-    loss = aggregate_loss(
-        per_token,
-        valid,
-        agg,
-        global_num_tokens=global_num_tokens,
-        global_num_seqs=global_num_seqs,
-        token_sum_normalizer=token_sum_normalizer,
+    #: How each metric a call may return combines over micro-batches and ranks (see :class:`Metric`).
+    METRIC_REDUCTIONS: ClassVar[Mapping[str, MetricReduction]] = MappingProxyType(
+        {
+            "clip_frac_low": "mean",
+            "clip_frac_high": "mean",
+            "dual_clip_frac": "mean",
+            "approx_kl": "mean",
+            "ratio_mean": "mean",
+            "ratio_max": "max",
+            "num_tokens": "sum",
+            "kl": "mean",
+            "entropy": "mean",
+            "tis_weight_mean": "mean",
+            "truncated_frac": "mean",
+        }
     )
 
-    num_tokens = valid.sum()
-    metric_dtype = torch.promote_types(logprobs.dtype, torch.float32)  # bf16 cannot even count past 256
+    def __post_init__(self) -> None:
+        if not 0 <= self.clip_low < 1:
+            raise ValueError(
+                f"clip_low must be in [0, 1) so that 1 - clip_low > 0, got {self.clip_low}; typical: 0.2"
+            )
+        if not self.clip_high >= 0:
+            raise ValueError(
+                f"clip_high must be >= 0, got {self.clip_high}; typical: 0.2 (DAPO clip-higher: 0.28)"
+            )
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ValueError(
+                f"dual_clip must be > 1 (3.0 in the paper) or None to disable, got {self.dual_clip}"
+            )
+        if not self.kl_coef >= 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ValueError(
+                f"tis_cap must be > 0 or None to disable, got {self.tis_cap}; verl's examples use 2.0"
+            )
+        _check_choice(self.kl_estimator, KL_ESTIMATORS, "KL estimator")
+        _check_agg(self.agg, self.token_sum_normalizer)
 
-    def token_mean(x: torch.Tensor) -> torch.Tensor:
-        return (torch.where(valid, x, 0).to(metric_dtype).sum() / num_tokens.clamp_min(1)).detach()
+    def __call__(
+        self,
+        logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        global_num_tokens: Normalizer | None = None,
+        global_num_seqs: Normalizer | None = None,
+        ref_logprobs: torch.Tensor | None = None,
+        rollout_logprobs: torch.Tensor | None = None,
+        truncated: torch.Tensor | None = None,
+        entropy: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Metric]]:
+        """The loss of one (micro-)batch and its metrics.
 
-    dual_clipped = (adv < 0) & (ratio > dual_clip) if dual_clip is not None else torch.zeros_like(valid)
-    metrics = {
-        "clip_frac_low": token_mean((adv < 0) & (ratio < 1 - clip_low)),
-        "clip_frac_high": token_mean((adv > 0) & (ratio > 1 + clip_high)),
-        "dual_clip_frac": token_mean(dual_clipped),
-        "approx_kl": token_mean(ratio - 1 - log_ratio),
-        "ratio_mean": token_mean(ratio),
-        "ratio_max": valid_only(ratio).amax().detach().to(metric_dtype),
-        "num_tokens": num_tokens.to(metric_dtype),
-    }
-    if ref_logprobs is not None:
-        metrics["kl"] = token_mean(kl)
-    if entropy is not None:
-        metrics["entropy"] = token_mean(entropy)
-    if tis_cap is not None:
-        metrics["tis_weight_mean"] = token_mean(tis_weight)
-    if truncated is not None:
-        has_tokens = mask.bool().any(dim=-1)  # [B]
-        metrics["truncated_frac"] = ((truncated & has_tokens).sum() / has_tokens.sum().clamp_min(1)).to(
-            metric_dtype
+        Args:
+            logprobs: Float[B, T], log pi of the sampled tokens under the policy being trained.
+            old_logprobs: Float[B, T], log pi_old of the same tokens (the policy that owns the advantages).
+            advantages: Float[B] (one per sequence, broadcast over tokens) or Float[B, T].
+            mask: [B, T], nonzero at response tokens that count in the loss.
+            global_num_tokens: See :func:`aggregate_loss`; None = this call is the whole batch.
+            global_num_seqs: See :func:`aggregate_loss`; None = this call is the whole batch.
+            ref_logprobs: Float[B, T] log pi_ref, or None. Required when ``kl_coef > 0``; with
+                ``kl_coef == 0`` it only feeds the ``kl`` metric.
+            rollout_logprobs: Float[B, T] log-probs reported by the rollout engine; exactly when ``tis_cap``.
+            truncated: Bool[B], True for completions cut at the max length, or None (required with
+                ``mask_truncated``).
+            entropy: Float[B, T] per-token policy entropy, or None; only reported as a metric.
+
+        Returns:
+            ``(loss, metrics)``. ``loss`` is 0-dim. ``metrics`` maps names to :class:`Metric` (detached,
+            float32 or float64 for float64 inputs; reductions as in :attr:`METRIC_REDUCTIONS`). Token means
+            are over the tokens that count in the loss (``num_tokens`` of them):
+
+            - ``clip_frac_low``: fraction of tokens with ``A < 0`` and ``r < 1 - clip_low`` (the clipped term
+              is chosen; zero gradient). ``clip_frac_high``: ``A > 0`` and ``r > 1 + clip_high``.
+            - ``dual_clip_frac``: ``A < 0`` and ``r > dual_clip`` (0 when dual clip is off).
+            - ``approx_kl``: k3 estimate of KL(pi_old || pi), mean of ``r - 1 - log r``.
+            - ``ratio_mean``; ``ratio_max`` (a max; 0 without tokens); ``num_tokens`` (a sum).
+            - ``kl`` (if ``ref_logprobs``): mean ``kl_penalty`` before ``kl_coef``; ``entropy`` (if given);
+              ``tis_weight_mean`` (if TIS); ``truncated_frac`` (if ``truncated``): fraction of the sequences
+              with response tokens that are truncated, counted before masking (a mean over sequences).
+
+        Raises:
+            ValueError: for an input the settings need but which is missing (``ref_logprobs``,
+                ``truncated``, ``rollout_logprobs``), ``rollout_logprobs`` without ``tis_cap``, mismatched
+                shapes and non-positive normalizers.
+        """
+        if self.kl_coef > 0 and ref_logprobs is None:
+            raise ValueError(f"kl_coef={self.kl_coef} needs ref_logprobs; pass them or set kl_coef=0")
+        if self.mask_truncated and truncated is None:
+            raise ValueError(
+                "mask_truncated=True needs truncated (Bool[B]); pass it or set mask_truncated=False"
+            )
+        if (rollout_logprobs is None) != (self.tis_cap is None):
+            raise ValueError(
+                "the TIS correction needs both rollout_logprobs and tis_cap; pass rollout_logprobs exactly "
+                f"when tis_cap is set (got rollout_logprobs={'set' if rollout_logprobs is not None else None}"
+                f", tis_cap={self.tis_cap})"
+            )
+        if logprobs.ndim != 2 or logprobs.numel() == 0:
+            raise ValueError(f"logprobs must be a non-empty [B, T] tensor, got shape {tuple(logprobs.shape)}")
+        shape = logprobs.shape
+        for name, tensor in [
+            ("old_logprobs", old_logprobs),
+            ("mask", mask),
+            ("ref_logprobs", ref_logprobs),
+            ("rollout_logprobs", rollout_logprobs),
+            ("entropy", entropy),
+        ]:
+            if tensor is not None:
+                _check_shape(name, tensor, shape, "logprobs")
+        if truncated is not None:
+            _check_truncated(truncated, shape[0])
+        if advantages.shape not in (shape, shape[:1]):
+            raise ValueError(
+                f"advantages must be [B] = [{shape[0]}] or [B, T] = {list(shape)}, "
+                f"got {tuple(advantages.shape)}"
+            )
+        _check_normalizer(global_num_tokens, "global_num_tokens")
+        _check_normalizer(global_num_seqs, "global_num_seqs")
+
+        valid = _effective_mask(mask, truncated if self.mask_truncated else None)  # [B, T]
+        zeros = torch.zeros_like(logprobs)
+
+        def valid_only(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(valid, x, zeros)
+
+        log_ratio = valid_only(logprobs - old_logprobs.detach())  # padding -> ratio 1, so exp cannot overflow
+        ratio = torch.exp(log_ratio)  # [B, T]
+        adv = advantages.detach().to(logprobs.dtype)
+        adv = valid_only(adv[:, None].expand(shape) if adv.ndim == 1 else adv)  # [B, T]
+        unclipped = -adv * ratio
+        clipped = -adv * ratio.clamp(1 - self.clip_low, 1 + self.clip_high)
+        per_token = torch.maximum(unclipped, clipped)
+        if self.dual_clip is not None:
+            per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * self.dual_clip), per_token)
+        if self.tis_cap is not None:
+            tis_weight = torch.exp(valid_only(old_logprobs - rollout_logprobs).detach()).clamp(
+                max=self.tis_cap
+            )
+            per_token = per_token * tis_weight
+        if ref_logprobs is not None:
+            kl = _kl_penalty(
+                valid_only(logprobs), valid_only(ref_logprobs.detach()), self.kl_estimator
+            )  # [B, T]
+            if self.kl_coef > 0:
+                per_token = per_token + self.kl_coef * kl
+        loss = _aggregate(
+            per_token, valid, self.agg, global_num_tokens, global_num_seqs, self.token_sum_normalizer
         )
-    return loss, metrics
+
+        num_tokens = valid.sum()
+        metric_dtype = torch.promote_types(logprobs.dtype, torch.float32)  # bf16 cannot even count past 256
+        token_count = num_tokens.to(metric_dtype)
+
+        def token_mean(x: torch.Tensor) -> Metric:
+            mean = (torch.where(valid, x, 0).to(metric_dtype).sum() / num_tokens.clamp_min(1)).detach()
+            return Metric(mean, "mean", token_count)
+
+        dual_clipped = (
+            (adv < 0) & (ratio > self.dual_clip) if self.dual_clip is not None else torch.zeros_like(valid)
+        )
+        metrics = {
+            "clip_frac_low": token_mean((adv < 0) & (ratio < 1 - self.clip_low)),
+            "clip_frac_high": token_mean((adv > 0) & (ratio > 1 + self.clip_high)),
+            "dual_clip_frac": token_mean(dual_clipped),
+            "approx_kl": token_mean(ratio - 1 - log_ratio),
+            "ratio_mean": token_mean(ratio),
+            "ratio_max": Metric(torch.where(valid, ratio, 0).amax().detach().to(metric_dtype), "max"),
+            "num_tokens": Metric(token_count),
+        }
+        if ref_logprobs is not None:
+            metrics["kl"] = token_mean(kl)
+        if entropy is not None:
+            metrics["entropy"] = token_mean(entropy.detach())
+        if self.tis_cap is not None:
+            metrics["tis_weight_mean"] = token_mean(tis_weight)
+        if truncated is not None:
+            has_tokens = mask.bool().any(dim=-1)  # [B]
+            num_seqs = has_tokens.sum()
+            truncated_frac = (truncated & has_tokens).sum().to(metric_dtype) / num_seqs.clamp_min(1)
+            metrics["truncated_frac"] = Metric(truncated_frac, "mean", num_seqs.to(metric_dtype))
+        return loss, metrics

@@ -36,9 +36,14 @@ __all__ = [
     "compute_logprobs",
     "honours_attention_masks",
     "packed_attention_mask",
+    "token_entropy_from_logits",
     "token_logprobs_from_logits",
     "vocab_parallel_entropy",
 ]
+
+# Logits per chunk of `token_entropy_from_logits`: its float32 temporaries (tempered logits, shifted, exp,
+# product) stay under 4 x 4 B x 2^22 = 64 MiB whatever the micro-batch and vocabulary.
+ENTROPY_CHUNK_LOGITS = 2**22
 
 
 @dataclass(frozen=True)
@@ -93,14 +98,42 @@ def token_logprobs_from_logits(
     """
     from megatron.core import tensor_parallel
 
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = _tempered(logits, temperature)
     # Entropy first: vocab_parallel_cross_entropy shifts its input in place.
     entropy = vocab_parallel_entropy(logits) if with_entropy else None  # [B, T]
     next_tokens = torch.roll(tokens, shifts=-1, dims=1)  # [B, T]; the last column wraps and is dropped
     next_logprobs = -tensor_parallel.vocab_parallel_cross_entropy(logits, next_tokens)  # [B, T]
     return _shift_right(next_logprobs), None if entropy is None else _shift_right(entropy)
+
+
+def token_entropy_from_logits(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Aligned per-token entropies of vocab-parallel logits, for monitoring a training step: no gradient.
+
+    Runs under ``no_grad`` on detached logits, so it keeps nothing for the backward pass, and works on
+    chunks of at most :data:`ENTROPY_CHUNK_LOGITS` logits, so its temporaries are a bounded transient
+    (<= 64 MiB) rather than several copies of the micro-batch's logits. It only reads ``logits``: call it
+    before :func:`token_logprobs_from_logits`, whose cross-entropy may overwrite them in place.
+
+    Args:
+        logits: ``[B, T, V / TP]``, the model output at every position (batch first).
+        temperature: the logits are divided by it first (the sampling temperature).
+
+    Returns:
+        float32 ``[B, T]``, column 0 = 0, the same values as ``token_logprobs_from_logits(...,
+        with_entropy=True)``; padding is not masked.
+    """
+    with torch.no_grad():
+        flat = logits.detach().flatten(0, -2)  # [B*T, V/TP]
+        rows = max(1, ENTROPY_CHUNK_LOGITS // flat.shape[-1])
+        entropy = torch.cat(
+            [vocab_parallel_entropy(_tempered(chunk, temperature)) for chunk in flat.split(rows)]
+        )
+    return _shift_right(entropy.view(logits.shape[:-1]))
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float()
+    return logits / temperature if temperature != 1.0 else logits
 
 
 def _shift_right(per_position: torch.Tensor) -> torch.Tensor:

@@ -162,12 +162,19 @@ class MegatronPolicy:
         *,
         temperature: float = 1.0,
         variable_shapes: bool = False,
+        with_entropy: bool = False,
     ) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches (`megatron.train_step.train_step`)."""
+        """One optimizer step over this rank's micro-batches (`megatron.train_step.train_step`; with
+        `with_entropy`, the loss also gets the per-token entropy)."""
         device = next(self.chunks[0].parameters()).device
         on_device = [{name: value.to(device) for name, value in mb.items()} for mb in micro_batches]
         return train_step(
-            self._trainer(), on_device, loss_fn, temperature=temperature, variable_shapes=variable_shapes
+            self._trainer(),
+            on_device,
+            loss_fn,
+            temperature=temperature,
+            variable_shapes=variable_shapes,
+            with_entropy=with_entropy,
         )
 
     # ------------------------------------------------------------------ generation and export

@@ -11,6 +11,10 @@ the number of micro-batches and averages gradients over DP, which would shrink t
 The model is built with ``calculate_per_token_loss=True``, which stops both; the loss function hands the
 schedule a 3-tuple (so no per-micro-batch division happens) and the gradient finaliser is given no token
 count (so no per-token division happens either). The gradient is therefore exactly that of the summed loss.
+
+Metrics combine as each declares (``algorithms.losses.Metric``: weighted means, sums, maxes; a plain value
+is a sum) over micro-batches and DP ranks, so a token mean is the mean over all the step's tokens and a max
+the step's max, whatever the split.
 """
 
 from __future__ import annotations
@@ -32,7 +36,12 @@ from pydantic import (
     model_validator,
 )
 
-from nemo_quagmire.megatron.logprobs import run_schedule, token_logprobs_from_logits
+from nemo_quagmire.algorithms.losses import Metric, pool_metrics
+from nemo_quagmire.megatron.logprobs import (
+    run_schedule,
+    token_entropy_from_logits,
+    token_logprobs_from_logits,
+)
 
 if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallel
@@ -42,7 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["LossFn", "OptimConfig", "Trainer", "setup_training", "train_step"]
 
 MicroBatch = Mapping[str, torch.Tensor]
-LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, Mapping[str, float | torch.Tensor]]]
+# loss_fn(logprobs, micro_batch) -> (loss, metrics); with train_step(with_entropy=True) also entropy=...
+LossFn = Callable[..., tuple[torch.Tensor, Mapping[str, Metric | float | torch.Tensor]]]
 
 
 class OptimConfig(BaseModel):
@@ -178,6 +188,7 @@ def train_step(
     *,
     temperature: float = 1.0,
     variable_shapes: bool = False,
+    with_entropy: bool = False,
 ) -> dict[str, float]:
     """Forward/backward over this rank's micro-batches, then one optimizer and LR-scheduler step.
 
@@ -188,15 +199,19 @@ def train_step(
             ``segment_ids`` (packed rows, see ``logprobs``) plus whatever ``loss_fn`` reads (on the model's
             device). Every rank of a TP/PP group passes the same micro-batches.
         loss_fn: ``loss_fn(logprobs [b, T], micro_batch) -> (scalar loss, metrics)``, the loss normalised by
-            global counts (module docstring). Padding positions of ``logprobs`` are not masked: the loss's
-            own mask must exclude them.
+            global counts (module docstring); each metric a ``Metric`` or a plain value (a sum). Padding
+            positions of ``logprobs`` are not masked: the loss's own mask must exclude them.
         temperature: logits are divided by it before the log-softmax (the sampling temperature).
         variable_shapes: allow micro-batches of different shapes (only without pipeline parallelism).
+        with_entropy: also pass ``loss_fn`` the per-token entropy of the policy, ``entropy=[b, T]`` (aligned
+            like ``logprobs``), computed without gradient from the same logits: it costs a bounded transient
+            and one pass over the logits, never activations, and leaves the loss and gradient unchanged.
 
     Returns:
-        On every rank: ``loss`` and each ``loss_fn`` metric summed over micro-batches and DP ranks;
-        ``grad_norm`` before clipping (not computed when clip_grad is 0: then NaN or 0); ``lr`` used by this
-        step; ``update_successful`` (1.0 or 0.0: megatron skips a step whose gradient is not finite).
+        On every rank: ``loss`` (summed over micro-batches and DP ranks) and each ``loss_fn`` metric combined
+        as it declares; ``grad_norm`` before clipping (not computed when clip_grad is 0: then NaN or 0);
+        ``lr`` used by this step; ``update_successful`` (1.0 or 0.0: megatron skips a step whose gradient is
+        not finite).
     """
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch")
@@ -206,15 +221,16 @@ def train_step(
 
     def loss_func_for(micro_batch: MicroBatch) -> Callable[[torch.Tensor], tuple]:
         def loss_func(logits: torch.Tensor) -> tuple:
+            extra = {}
+            if with_entropy:  # before the log-probs: their cross-entropy may overwrite the logits in place
+                extra["entropy"] = token_entropy_from_logits(logits, temperature=temperature)
             logprobs, _ = token_logprobs_from_logits(logits, micro_batch["tokens"], temperature=temperature)
-            loss, metrics = loss_fn(logprobs, micro_batch)
+            loss, metrics = loss_fn(logprobs, micro_batch, **extra)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise ValueError(f"loss_fn must return a scalar tensor loss, got {loss!r:.80}")
             # Clone what we report: the schedule may rescale the loss tensor in place.
-            reported = {"loss": loss.detach().clone().float()}
-            reported |= {
-                name: torch.as_tensor(value).detach().clone().float() for name, value in metrics.items()
-            }
+            reported = {"loss": Metric(loss.detach().clone().float())}
+            reported |= {name: _float32(value) for name, value in metrics.items()}
             no_tokens = torch.zeros((), dtype=torch.int, device=logits.device)
             return loss, no_tokens, reported
 
@@ -227,7 +243,7 @@ def train_step(
     update_successful, grad_norm, _ = trainer.optimizer.step()
     if update_successful:
         trainer.scheduler.step(increment=1)
-    metrics = _sum_over_microbatches_and_ranks(reported)
+    metrics = _reduce_over_microbatches_and_ranks(reported)
     metrics |= {
         "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
         "lr": float(lr),
@@ -236,16 +252,27 @@ def train_step(
     return metrics
 
 
-def _sum_over_microbatches_and_ranks(reported: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Sum per-micro-batch metrics on the last pipeline stage, all-reduce over DP, share with all stages."""
+def _float32(value: Metric | float | torch.Tensor) -> Metric:
+    """A reported metric as a float32 ``Metric`` (a plain value is a sum) of its own, detached storage."""
+    if not isinstance(value, Metric):
+        return Metric(torch.as_tensor(value).detach().clone().float())
+    weight = None if value.weight is None else value.weight.detach().clone().float()
+    return Metric(value.value.detach().clone().float(), value.reduction, weight)
+
+
+def _reduce_over_microbatches_and_ranks(reported: list[dict[str, Metric]]) -> dict[str, float]:
+    """Combine per-micro-batch metrics on the last pipeline stage, all-reduce over DP (SUM for sums and
+    means, MAX for maxes), share with all stages."""
     from megatron.core import parallel_state as ps
+
+    def all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+        reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+        dist.all_reduce(tensor, op=reduce_op, group=ps.get_data_parallel_group())
+        return tensor
 
     summed: dict[str, float] = {}
     if ps.is_pipeline_last_stage():
-        names = list(reported[0])
-        totals = torch.stack([torch.stack([r[name].reshape(()) for name in names]) for r in reported]).sum(0)
-        dist.all_reduce(totals, group=ps.get_data_parallel_group())
-        summed = dict(zip(names, totals.tolist(), strict=True))
+        summed = pool_metrics(reported, all_reduce)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         shared = [summed]
         dist.broadcast_object_list(

@@ -35,6 +35,10 @@ What is counted, per GPU (all assumptions are here; the numbers are estimates, n
 * **Logits**: on the last stage, one micro-batch's ``[s, b, V/TP]`` logits in bf16 plus the fp32 copy the
   log-prob computation makes and keeps for the backward (``logits.float()`` then megatron's vocab-parallel
   cross-entropy, in place): 6 B per logit; a sampling temperature other than 1 adds a transient 4 B more.
+  The GRPO step's entropy metric runs before that copy exists, without gradient, on chunks of 2^22 logits
+  (``logprobs.token_entropy_from_logits``): a transient of at most 64 MiB on top of the 2 B bf16 logits,
+  so below the 6 B per logit counted here once a micro-batch holds 16M logits (s 4096 x V/TP 4k), and
+  within the overhead allowance below that; not counted separately.
 * **Rollout**, colocated on the same GPUs. vLLM: its own weight copy sharded by the rollout TP (which may
   differ from training TP), a workspace (activations at ``max_num_batched_tokens``, sampler, CUDA graphs)
   and the KV cache, ``2 * layers * kv_heads * head_dim * bytes`` per token, split by the rollout TP (KV

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from nemo_quagmire.algorithms.advantages import compute_advantages, group_has_signal
-from nemo_quagmire.algorithms.losses import count_valid, policy_loss
+from nemo_quagmire.algorithms.losses import ClippedPolicyLoss, count_valid
 from nemo_quagmire.config.grpo import GRPOConfig, GRPORunConfig
 from nemo_quagmire.data.batching import packed_sequence_micro_batches, padded_micro_batches
 from nemo_quagmire.megatron.checkpoint import latest_checkpoint
@@ -54,19 +54,6 @@ from nemo_quagmire.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-# Metrics of policy_loss that are means over valid tokens (combined across micro-batches by token weight).
-_TOKEN_MEAN_METRICS = frozenset(
-    {
-        "clip_frac_low",
-        "clip_frac_high",
-        "dual_clip_frac",
-        "approx_kl",
-        "ratio_mean",
-        "kl",
-        "entropy",
-        "tis_weight_mean",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -105,6 +92,7 @@ class GRPOTrainer(RunLoop):
         self.cfg: GRPORunConfig = cfg
         self.prompts = list(prompts)
         self.sft_examples = list(sft_examples)
+        self.policy_loss = policy_loss_from_config(cfg.grpo)
 
     # ------------------------------------------------------------------ set-up (RunLoop hooks)
     def _after_setup(self) -> None:
@@ -301,15 +289,18 @@ class GRPOTrainer(RunLoop):
         extra: dict[str, torch.Tensor],
     ) -> tuple[dict[str, float], int, int]:
         """`num_minibatches` optimizer steps over the rollout rows; returns their metrics, how many updates
-        were attempted and how many of them were skipped (NaN/Inf loss or gradient: left out of the
-        metrics)."""
+        were attempted and how many of them were skipped (NaN/Inf loss or gradient).
+
+        Each update's metrics cover its own tokens (train_step combines micro-batches and ranks as each metric
+        declares); over the updates of a step, maxes (`ratio_max`) are maxed and everything else is averaged
+        with equal weight per applied update, so `train/clip_frac_low` with `num_minibatches=2` is the mean of
+        the two updates' fractions (a skipped update counts in none of them).
+        """
         grpo = self.cfg.grpo
         rows = torch.arange(tokens.shape[0])
-        summed: dict[str, float] = {}
-        real_and_slots = torch.zeros(
-            2, dtype=torch.float64
-        )  # tokens of the sequences, row positions computed
-        updates = skipped = 0
+        applied: list[dict[str, float]] = []
+        real_and_slots = torch.zeros(2, dtype=torch.float64)  # real tokens, row positions computed
+        attempted = 0
         for minibatch in rows.chunk(grpo.num_minibatches):
             excluded = truncated[minibatch] if grpo.mask_truncated else None
             num_tokens, num_seqs = count_valid(mask[minibatch], excluded)
@@ -338,25 +329,30 @@ class GRPOTrainer(RunLoop):
                 dtype=torch.float64,
             )
 
-            loss_fn = _grpo_loss_fn(grpo, global_tokens, global_seqs)
+            loss_fn = _grpo_loss_fn(self.policy_loss, global_tokens, global_seqs)
             result = self.policy.train(
-                micro, loss_fn, temperature=self.cfg.rollout.temperature, variable_shapes=packed
+                micro,
+                loss_fn,
+                temperature=self.cfg.rollout.temperature,
+                variable_shapes=packed,
+                # Always: a falling entropy is the first sign of entropy collapse (DAPO); it costs one pass
+                # over the logits and a bounded transient, no activations, and never the loss or gradient.
+                with_entropy=True,
             )
-            updates += 1
+            attempted += 1
             if update_skipped(result):
-                skipped += 1
                 continue
-            tokens_in_update = max(result["num_tokens"], 1.0)
-            for name, value in result.items():
-                value = value / tokens_in_update if name in _TOKEN_MEAN_METRICS else value
-                summed[name] = summed.get(name, 0.0) + value
-        updates = max(grpo.num_minibatches, 1)
-        metrics = {f"train/{k}": v / updates for k, v in summed.items()}
+            applied.append(result)
+        metrics: dict[str, float] = {}
+        for name in applied[0] if applied else ():
+            values = [update[name] for update in applied]
+            is_max = self.policy_loss.METRIC_REDUCTIONS.get(name) == "max"
+            metrics[f"train/{name}"] = max(values) if is_max else sum(values) / len(values)
         real, slots = all_reduce_sum_data_parallel(real_and_slots).tolist()
         metrics["train/packing_efficiency"] = real / max(slots, 1.0)
-        if updates:
-            metrics["train/update_successful"] = (updates - skipped) / updates
-        return metrics, updates, skipped
+        if attempted:
+            metrics["train/update_successful"] = len(applied) / attempted
+        return metrics, attempted, attempted - len(applied)
 
     def _rollout_metrics(
         self, batch: RolloutBatch, rewards: torch.Tensor, correct: torch.Tensor
@@ -384,36 +380,41 @@ class GRPOTrainer(RunLoop):
         return metrics, length_sum
 
 
-def _grpo_loss_fn(grpo: GRPOConfig, global_tokens: torch.Tensor, global_seqs: torch.Tensor) -> Any:
+def policy_loss_from_config(grpo: GRPOConfig) -> ClippedPolicyLoss:
+    """The run's policy loss, built (and its settings checked) once."""
+    return ClippedPolicyLoss(
+        clip_low=grpo.clip_low,
+        clip_high=grpo.clip_high,
+        dual_clip=grpo.dual_clip,
+        agg=grpo.loss_agg,
+        token_sum_normalizer=grpo.token_sum_normalizer,
+        kl_coef=grpo.kl_coef,
+        kl_estimator=grpo.kl_estimator,
+        mask_truncated=grpo.mask_truncated,
+        tis_cap=grpo.tis_cap,
+    )
+
+
+def _grpo_loss_fn(
+    policy_loss: ClippedPolicyLoss, global_tokens: torch.Tensor, global_seqs: torch.Tensor
+) -> Any:
     """The per-micro-batch loss of one policy update, normalized by the update's global counts."""
 
-    def loss_fn(logprobs: torch.Tensor, mb: dict[str, torch.Tensor]):
+    def loss_fn(logprobs: torch.Tensor, mb: dict[str, torch.Tensor], entropy: torch.Tensor | None = None):
         if "unpack" in mb:  # packed rows [r, C] -> one sequence per row [n, T]
             logprobs = logprobs.flatten()[mb["unpack"]]
-        loss, metrics = policy_loss(
+            entropy = None if entropy is None else entropy.flatten()[mb["unpack"]]
+        return policy_loss(
             logprobs,
             mb.get("old_logprobs", logprobs.detach()),  # on-policy: ratio exactly 1, no extra forward pass
             mb["advantages"],
             mb["mask"],
-            clip_low=grpo.clip_low,
-            clip_high=grpo.clip_high,
-            dual_clip=grpo.dual_clip,
-            agg=grpo.loss_agg,
-            ref_logprobs=mb.get("ref_logprobs"),
-            kl_coef=grpo.kl_coef,
-            kl_estimator=grpo.kl_estimator,
             global_num_tokens=global_tokens,
             global_num_seqs=global_seqs,
-            token_sum_normalizer=grpo.token_sum_normalizer,
-            truncated=mb["truncated"],
-            mask_truncated=grpo.mask_truncated,
+            ref_logprobs=mb.get("ref_logprobs"),
             rollout_logprobs=mb.get("rollout_logprobs"),
-            tis_cap=grpo.tis_cap,
+            truncated=mb["truncated"],
+            entropy=entropy,
         )
-        # policy_loss's metrics are means over this micro-batch's tokens: weight them by its tokens so that
-        # train_step's sums over micro-batches and ranks divide into step-level means.
-        num = metrics["num_tokens"]
-        weighted = {k: v * num for k, v in metrics.items() if k in _TOKEN_MEAN_METRICS}
-        return loss, {**weighted, "num_tokens": num}
 
     return loss_fn

@@ -1,15 +1,26 @@
-"""Policy loss against hand-worked values; gradient invariance under micro-batch and data-parallel splits."""
+"""Policy loss against hand-worked values; gradient and metric invariance under micro-batch and data-parallel
+splits; settings checked when the loss is built."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nemo_quagmire.algorithms.losses import AGG_MODES, aggregate_loss, count_valid, kl_penalty, policy_loss
+from nemo_quagmire.algorithms.losses import (
+    AGG_MODES,
+    ClippedPolicyLoss,
+    Metric,
+    aggregate_loss,
+    count_valid,
+    kl_penalty,
+    pool_metrics,
+)
 
 F64 = torch.float64
 
@@ -22,6 +33,15 @@ F64 = torch.float64
 # ---------------------------------------------------------------------------------------------------------
 RATIOS = [[1.5, 0.5], [1.0, 0.5, 4.0]]
 TOKEN_LOSSES = [[-1.2, -0.5], [2.0, 1.6, 8.0]]
+
+
+def ppo(**settings) -> ClippedPolicyLoss:
+    """The loss of the hand-worked values: symmetric clip 0.2, plus ``settings``."""
+    return ClippedPolicyLoss(**{"clip_low": 0.2, "clip_high": 0.2} | settings)
+
+
+def values(metrics: dict[str, Metric]) -> dict[str, float]:
+    return {name: metric.value.item() for name, metric in metrics.items()}
 
 
 def hand_batch() -> dict[str, torch.Tensor]:
@@ -51,13 +71,15 @@ def hand_batch() -> dict[str, torch.Tensor]:
     ],
 )
 def test_hand_worked_loss_per_agg_mode(agg, kwargs, expected):
-    loss, _ = policy_loss(**hand_batch(), agg=agg, **kwargs)
+    settings = {k: v for k, v in kwargs.items() if k == "token_sum_normalizer"}
+    normalizers = {k: v for k, v in kwargs.items() if k != "token_sum_normalizer"}
+    loss, _ = ppo(agg=agg, **settings)(**hand_batch(), **normalizers)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_hand_worked_gradient_and_metrics():
     batch = hand_batch()
-    loss, metrics = policy_loss(**batch)
+    loss, metrics = ppo()(**batch)
     loss.backward()
     # d(-A r)/d log pi = -A r on unclipped tokens, 0 on clipped ones and on padding; token-mean divides by 5.
     expected_grad = torch.tensor([[0.0, -0.5, 0.0], [2.0, 0.0, 8.0]], dtype=F64) / 5
@@ -74,32 +96,35 @@ def test_hand_worked_gradient_and_metrics():
     }
     assert metrics.keys() == expected.keys()
     for name, value in expected.items():
-        assert metrics[name].item() == pytest.approx(value, rel=1e-12, abs=1e-15), name
-        assert metrics[name].ndim == 0 and not metrics[name].requires_grad
+        metric = metrics[name]
+        assert metric.value.item() == pytest.approx(value, rel=1e-12, abs=1e-15), name
+        assert metric.value.ndim == 0 and not metric.value.requires_grad
+        assert metric.reduction == ClippedPolicyLoss.METRIC_REDUCTIONS[name]
+        if metric.reduction == "mean":
+            assert metric.weight.item() == 5  # token means over the 5 valid tokens
 
 
 def test_dual_clip_caps_negative_advantage_tokens():
     batch = hand_batch()
-    loss, metrics = policy_loss(**batch, dual_clip=3.0)
+    loss, metrics = ppo(dual_clip=3.0)(**batch)
     loss.backward()
     # Only seq 1's r = 4 token has A < 0 and r > 3: min(8.0, -A * 3 = 6.0) = 6.0, with zero gradient.
     assert loss.item() == pytest.approx((9.9 - 8.0 + 6.0) / 5, rel=1e-12)
     expected_grad = torch.tensor([[0.0, -0.5, 0.0], [2.0, 0.0, 0.0]], dtype=F64) / 5
     torch.testing.assert_close(batch["logprobs"].grad, expected_grad)
-    assert metrics["dual_clip_frac"].item() == pytest.approx(1 / 5)
+    assert metrics["dual_clip_frac"].value.item() == pytest.approx(1 / 5)
 
 
 def test_dual_clip_leaves_positive_advantages_alone():
     # A = +1, r = 4: PPO gives max(-4, -1.2) = -1.2; the dual clip bound -A * c = -3 must not apply.
-    loss, metrics = policy_loss(
+    loss, metrics = ppo(dual_clip=3.0)(
         torch.tensor([[math.log(4.0)]], dtype=F64),
         torch.zeros(1, 1, dtype=F64),
         torch.tensor([1.0], dtype=F64),
         torch.ones(1, 1),
-        dual_clip=3.0,
     )
     assert loss.item() == pytest.approx(-1.2)
-    assert metrics["dual_clip_frac"].item() == 0.0 and metrics["clip_frac_high"].item() == 1.0
+    assert values(metrics)["dual_clip_frac"] == 0.0 and values(metrics)["clip_frac_high"] == 1.0
 
 
 def test_asymmetric_clip_bounds():
@@ -107,22 +132,17 @@ def test_asymmetric_clip_bounds():
     # A = +1: r = 1.25 is inside 1.3, r = 1.5 is clipped to 1.3.  A = -1: r = 0.85 is clipped to 0.9, r = 0.95
     # is inside.  Losses: -1.25, -1.3, 0.9, 0.95.
     log_ratio = torch.tensor([[1.25, 1.5], [0.85, 0.95]], dtype=F64).log()
-    loss, metrics = policy_loss(
-        log_ratio,
-        torch.zeros(2, 2, dtype=F64),
-        torch.tensor([1.0, -1.0], dtype=F64),
-        torch.ones(2, 2),
-        clip_low=0.1,
-        clip_high=0.3,
+    loss, metrics = ClippedPolicyLoss(clip_low=0.1, clip_high=0.3)(
+        log_ratio, torch.zeros(2, 2, dtype=F64), torch.tensor([1.0, -1.0], dtype=F64), torch.ones(2, 2)
     )
     assert loss.item() == pytest.approx((-1.25 - 1.3 + 0.9 + 0.95) / 4)
-    assert metrics["clip_frac_high"].item() == 0.25 and metrics["clip_frac_low"].item() == 0.25
+    assert values(metrics)["clip_frac_high"] == 0.25 and values(metrics)["clip_frac_low"] == 0.25
 
 
 def test_kl_penalty_term_value_and_gradient():
     batch = hand_batch()
     ref = batch["old_logprobs"] + torch.tensor([[0.3, -0.2, 7.0], [0.0, 0.5, -1.0]], dtype=F64)
-    loss, metrics = policy_loss(**batch, ref_logprobs=ref, kl_coef=0.1)
+    loss, metrics = ppo(kl_coef=0.1)(**batch, ref_logprobs=ref)
     loss.backward()
     logp = batch["logprobs"].detach()
     valid = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
@@ -130,7 +150,7 @@ def test_kl_penalty_term_value_and_gradient():
     x = {ij: (ref[ij] - logp[ij]).item() for ij in valid}
     k3 = {ij: math.exp(x[ij]) - x[ij] - 1 for ij in valid}
     assert loss.item() == pytest.approx((9.9 + 0.1 * sum(k3.values())) / 5, rel=1e-12)
-    assert metrics["kl"].item() == pytest.approx(sum(k3.values()) / 5, rel=1e-12)
+    assert metrics["kl"].value.item() == pytest.approx(sum(k3.values()) / 5, rel=1e-12)
     pg_grad = {(0, 1): -0.5, (1, 0): 2.0, (1, 2): 8.0}
     expected = torch.zeros(2, 3, dtype=F64)
     for ij in valid:
@@ -141,9 +161,11 @@ def test_kl_penalty_term_value_and_gradient():
 def test_ref_logprobs_without_kl_coef_only_report_kl():
     batch = hand_batch()
     ref = batch["old_logprobs"] - 0.5
-    loss, metrics = policy_loss(**batch, ref_logprobs=ref, kl_estimator="k2")
+    loss, metrics = ppo(kl_estimator="k2")(**batch, ref_logprobs=ref)
     assert loss.item() == pytest.approx(9.9 / 5, rel=1e-12)
-    assert metrics["kl"].item() > 0
+    # k2 = x^2 / 2 with x = ref - logp = -0.5 - log r, over the 5 valid tokens
+    k2 = [0.5 * (-0.5 - math.log(r)) ** 2 for row in RATIOS for r in row]
+    assert metrics["kl"].value.item() == pytest.approx(sum(k2) / 5, rel=1e-12)
 
 
 def test_truncated_importance_sampling_weights_policy_term():
@@ -151,11 +173,13 @@ def test_truncated_importance_sampling_weights_policy_term():
     # exp(old - rollout) = 2.0, 0.5 | 1.0, 3.0, 1.2; capped at 1.5 -> 1.5, 0.5 | 1.0, 1.5, 1.2.
     weights = torch.tensor([[2.0, 0.5, 1.0], [1.0, 3.0, 1.2]], dtype=F64)
     rollout = batch["old_logprobs"] - weights.log()
-    loss, metrics = policy_loss(**batch, rollout_logprobs=rollout, tis_cap=1.5)
+    loss, metrics = ppo(tis_cap=1.5)(**batch, rollout_logprobs=rollout)
     loss.backward()
     # -1.2 * 1.5 - 0.5 * 0.5 + 2 * 1 + 1.6 * 1.5 + 8 * 1.2 = 11.95
     assert loss.item() == pytest.approx(11.95 / 5, rel=1e-12)
-    assert metrics["tis_weight_mean"].item() == pytest.approx((1.5 + 0.5 + 1.0 + 1.5 + 1.2) / 5, rel=1e-12)
+    assert metrics["tis_weight_mean"].value.item() == pytest.approx(
+        (1.5 + 0.5 + 1.0 + 1.5 + 1.2) / 5, rel=1e-12
+    )
     # The weight is a constant: gradients are the PPO ones times the weight.
     expected_grad = torch.tensor([[0.0, -0.5 * 0.5, 0.0], [2.0, 0.0, 8.0 * 1.2]], dtype=F64) / 5
     torch.testing.assert_close(batch["logprobs"].grad, expected_grad)
@@ -171,24 +195,25 @@ def test_truncated_importance_sampling_weights_policy_term():
 )
 def test_truncated_sequences_are_masked_and_uncounted(agg, kwargs, expected):
     truncated = torch.tensor([False, True])
-    loss, metrics = policy_loss(**hand_batch(), agg=agg, truncated=truncated, mask_truncated=True, **kwargs)
+    loss, metrics = ppo(agg=agg, mask_truncated=True, **kwargs)(**hand_batch(), truncated=truncated)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
-    assert metrics["num_tokens"].item() == 2 and metrics["truncated_frac"].item() == 0.5
+    assert values(metrics)["num_tokens"] == 2 and values(metrics)["truncated_frac"] == 0.5
+    assert metrics["truncated_frac"].weight.item() == 2  # a fraction of the 2 sequences, not of tokens
     assert [c.item() for c in count_valid(torch.tensor([[1, 1, 0], [1, 1, 1]]), truncated)] == [2, 1]
 
 
 def test_truncated_without_mask_truncated_is_a_metric_only():
-    loss, metrics = policy_loss(**hand_batch(), truncated=torch.tensor([False, True]))
+    loss, metrics = ppo()(**hand_batch(), truncated=torch.tensor([False, True]))
     assert loss.item() == pytest.approx(9.9 / 5, rel=1e-12)
-    assert metrics["truncated_frac"].item() == 0.5
+    assert values(metrics)["truncated_frac"] == 0.5
 
 
 def test_token_level_advantages_match_broadcast_sequence_advantages():
     batch = hand_batch()
-    per_seq, _ = policy_loss(**batch)
+    per_seq, _ = ppo()(**batch)
     batch["advantages"] = batch["advantages"][:, None].expand(2, 3).clone()
     batch["advantages"][0, 2] = float("nan")  # padding position: must be ignored
-    per_token, _ = policy_loss(**batch)
+    per_token, _ = ppo()(**batch)
     assert per_token.item() == per_seq.item()
 
 
@@ -199,18 +224,28 @@ def test_garbage_in_padding_reaches_neither_loss_nor_gradient():
     batch["logprobs"].requires_grad_()
     ref = batch["old_logprobs"].clone()
     ref[0, 2] = 1e5  # exp(ref - logprobs) overflows there too
-    loss, metrics = policy_loss(**batch, ref_logprobs=ref, kl_coef=0.1, dual_clip=3.0)
+    loss, metrics = ppo(kl_coef=0.1, dual_clip=3.0)(**batch, ref_logprobs=ref)
     loss.backward()
-    assert torch.isfinite(loss) and all(torch.isfinite(m) for m in metrics.values())
+    assert torch.isfinite(loss) and all(math.isfinite(v) for v in values(metrics).values())
     assert batch["logprobs"].grad[0, 2].item() == 0.0
     assert torch.isfinite(batch["logprobs"].grad).all()
 
 
 def test_empty_mask_gives_zero_loss_and_zero_metrics():
-    loss, metrics = policy_loss(
+    loss, metrics = ppo()(
         torch.zeros(2, 3, requires_grad=True), torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3)
     )
-    assert loss.item() == 0.0 and metrics["num_tokens"].item() == 0.0 and metrics["ratio_mean"].item() == 0.0
+    got = values(metrics)
+    assert loss.item() == 0.0 and got["num_tokens"] == got["ratio_mean"] == got["ratio_max"] == 0.0
+
+
+def test_ratio_max_is_over_valid_tokens_only():
+    # Valid ratios 0.5 and 0.8; the padding position (ratio 1 after neutralising, 50 before) must not count.
+    old = torch.zeros(1, 3, dtype=F64)
+    logprobs = torch.tensor([[math.log(0.5), math.log(0.8), math.log(50.0)]], dtype=F64)
+    _, metrics = ppo()(logprobs, old, torch.ones(1, dtype=F64), torch.tensor([[1, 1, 0]]))
+    assert metrics["ratio_max"].value.item() == pytest.approx(0.8, rel=1e-12)
+    assert metrics["ratio_max"].reduction == "max" and metrics["ratio_max"].weight is None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -306,6 +341,7 @@ def make_problem(seed: int = 0) -> dict[str, torch.Tensor]:
         "rollout_logprobs": noisy(old, 0.3),
         "advantages": 2 * torch.randn(B, generator=g, dtype=F64),
         "truncated": torch.tensor(TRUNCATED),
+        "entropy": torch.where(mask, torch.rand(B, T, generator=g, dtype=F64) * 3, 1e4),
     }
 
 
@@ -320,21 +356,20 @@ def loss_on_rows(problem, weight, rows, agg, options, **normalizers):
     width = max(int(problem["mask"][rows].sum(-1).max()), 1)
     part = {k: v[rows][:, :width] if v.ndim == 2 else v[rows] for k, v in problem.items() if k != "weight"}
     part["features"] = problem["features"][rows][:, :width]
-    kwargs = {"token_sum_normalizer": float(T)} if agg == "seq-mean-token-sum-norm" else {}
+    normalizer = {"token_sum_normalizer": float(T)} if agg == "seq-mean-token-sum-norm" else {}
+    inputs = {"entropy": part["entropy"]}
     if options:
-        kwargs.update(
+        inputs.update(
             ref_logprobs=part["ref_logprobs"],
             rollout_logprobs=part["rollout_logprobs"],
             truncated=part["truncated"],
         )
-    return policy_loss(
+    return ClippedPolicyLoss(agg=agg, **options, **normalizer)(
         policy_logprobs(weight, part["features"], part["tokens"]),
         part["old_logprobs"],
         part["advantages"],
         part["mask"],
-        agg=agg,
-        **options,
-        **kwargs,
+        **inputs,
         **normalizers,
     )
 
@@ -354,10 +389,9 @@ def test_split_gradients_sum_to_full_batch_gradient(agg, options, layout):
     opts = OPTIONS[options]
     full_loss, full_grad, metrics = full_batch_grad(problem, agg, opts)
     if opts:  # the clipped, dual-clipped and TIS-capped branches are all exercised
-        assert (
-            metrics["clip_frac_low"] > 0 and metrics["clip_frac_high"] > 0 and metrics["dual_clip_frac"] > 0
-        )
-        assert metrics["tis_weight_mean"] < 1.5
+        got = values(metrics)
+        assert got["clip_frac_low"] > 0 and got["clip_frac_high"] > 0 and got["dual_clip_frac"] > 0
+        assert got["tis_weight_mean"] < 1.5
 
     # Each rank counts its micro-batches; "all-reduce SUM" of the counts gives the global normalizers.
     truncated = problem["truncated"] if opts.get("mask_truncated") else torch.zeros(B, dtype=torch.bool)
@@ -401,49 +435,189 @@ def test_local_normalizers_would_break_split_invariance(agg):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Metric reductions: micro-batches and data-parallel ranks pool to the whole batch's values.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def pool_over_simulated_ranks(ranks: list[list[dict[str, Metric]]]) -> dict[str, float]:
+    """pool_metrics as rank 0 of a data-parallel group runs it: every rank reduces its own micro-batches,
+    then the all-reduce combines the ranks' tensors elementwise, SUM or MAX as torch.distributed would."""
+    local: dict[str, list[torch.Tensor]] = {"sum": [], "max": []}
+
+    def record(tensor: torch.Tensor, op: str) -> torch.Tensor:
+        local[op].append(tensor.clone())
+        return tensor
+
+    for parts in ranks:
+        pool_metrics(parts, record)
+
+    def all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+        stacked = torch.stack(local[op])  # [ranks, K]
+        return stacked.sum(0) if op == "sum" else stacked.amax(0)
+
+    return pool_metrics(ranks[0], all_reduce)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("options", sorted(OPTIONS))
+def test_split_metrics_pool_to_the_whole_batch_metrics(options, layout):
+    problem, opts = make_problem(), OPTIONS[options]
+    _, whole = loss_on_rows(problem, problem["weight"], list(range(B)), "token-mean", opts)
+    ranks = [
+        [loss_on_rows(problem, problem["weight"], rows, "token-mean", opts)[1] for rows in rank]
+        for rank in LAYOUTS[layout]
+    ]
+    pooled = pool_over_simulated_ranks(ranks)
+
+    expected = values(whole)
+    assert (
+        pooled.keys()
+        == expected.keys()
+        == set(ClippedPolicyLoss.METRIC_REDUCTIONS)
+        - (set() if opts else {"kl", "tis_weight_mean", "truncated_frac"})
+    )
+    for name, value in expected.items():
+        assert pooled[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+        assert whole[name].reduction == ClippedPolicyLoss.METRIC_REDUCTIONS[name], name
+
+    # Independent references, straight from the problem's tensors.
+    kept = problem["mask"] & ~(problem["truncated"][:, None] if opts else torch.zeros(B, 1, dtype=torch.bool))
+    logp = policy_logprobs(problem["weight"], problem["features"], problem["tokens"])
+    ratios = (logp - problem["old_logprobs"]).exp()[kept]
+    assert pooled["ratio_max"] == pytest.approx(ratios.max().item(), rel=1e-12)
+    assert pooled["ratio_mean"] == pytest.approx(ratios.mean().item(), rel=1e-12)
+    assert pooled["entropy"] == pytest.approx(problem["entropy"][kept].mean().item(), rel=1e-12)
+    assert pooled["num_tokens"] == kept.sum().item()
+    if opts:
+        assert pooled["truncated_frac"] == pytest.approx(1 / 7)  # seq 0 of the 7 with tokens (seq 3 has none)
+    # The pooling is not trivially right: adding the parts' maxes or averaging their means would be wrong.
+    parts = [values(part) for rank in ranks for part in rank]
+    assert sum(part["ratio_max"] for part in parts) > pooled["ratio_max"] * 1.5
+    assert sum(part["entropy"] for part in parts) / len(parts) != pytest.approx(pooled["entropy"], rel=1e-3)
+
+
+def test_pool_metrics_plain_values_are_sums_and_empty_means_are_zero():
+    parts = [
+        {
+            "n": 2,
+            "m": Metric(torch.tensor(0.0), "mean", torch.tensor(0.0)),
+            "top": Metric(torch.tensor(-3.0), "max"),
+        },
+        {
+            "n": torch.tensor(5),
+            "m": Metric(torch.tensor(0.0), "mean", torch.tensor(0.0)),
+            "top": Metric(torch.tensor(-7.0), "max"),
+        },
+    ]
+    assert pool_metrics(parts) == {"n": 7.0, "m": 0.0, "top": -3.0}
+
+
+@pytest.mark.parametrize(
+    ("parts", "match"),
+    [
+        ([], "at least one micro-batch"),
+        ([{"a": 1.0}, {"b": 1.0}], "micro-batches report different metrics"),
+        ([{"a": 1.0}, {"a": Metric(torch.tensor(1.0), "max")}], "micro-batches report different metrics"),
+    ],
+)
+def test_pool_metrics_refuses_inconsistent_parts(parts, match):
+    with pytest.raises(ValueError, match=match):
+        pool_metrics(parts)
+
+
+def test_a_metric_says_how_it_reduces():
+    with pytest.raises(ValueError, match="a 'mean' metric needs weight"):
+        Metric(torch.tensor(1.0), "mean")
+    with pytest.raises(ValueError, match="a 'max' metric takes no weight"):
+        Metric(torch.tensor(1.0), "max", torch.tensor(2.0))
+    with pytest.raises(ValueError, match="unknown metric reduction 'min'"):
+        Metric(torch.tensor(1.0), "min")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("settings", "match"),
     [
         ({"clip_low": 1.0}, r"clip_low must be in \[0, 1\)"),
         ({"clip_low": -0.1}, r"clip_low must be in \[0, 1\)"),
         ({"clip_high": -0.1}, "clip_high must be >= 0"),
+        ({"clip_high": math.nan}, "clip_high must be >= 0"),
         ({"dual_clip": 1.0}, "dual_clip must be > 1"),
         ({"kl_coef": -1.0}, "kl_coef must be >= 0"),
-        ({"kl_coef": 0.1}, "needs ref_logprobs"),
         ({"kl_estimator": "k4"}, "unknown KL estimator 'k4'; choose one of k1, k2, k3"),
         ({"agg": "seq-mean"}, "unknown loss aggregation mode 'seq-mean'; choose one of token-mean"),
         ({"agg": "seq-mean-token-sum-norm"}, "seq-mean-token-sum-norm needs it"),
         ({"token_sum_normalizer": 4.0}, "the other modes do not take it"),
-        ({"global_num_tokens": 0}, "global_num_tokens must be a positive number"),
-        ({"global_num_seqs": torch.ones(2)}, "global_num_seqs must be a scalar"),
-        ({"mask_truncated": True}, "mask_truncated=True needs truncated"),
-        ({"truncated": torch.tensor([0, 1])}, r"truncated must be a bool tensor \[B\] = \[2\]"),
-        ({"tis_cap": 2.0}, "needs both rollout_logprobs and tis_cap"),
-        ({"rollout_logprobs": torch.zeros(2, 3)}, "needs both rollout_logprobs and tis_cap"),
-        ({"rollout_logprobs": torch.zeros(2, 3), "tis_cap": 0.0}, "tis_cap must be > 0"),
-        ({"ref_logprobs": torch.zeros(2, 2)}, r"ref_logprobs has shape \(2, 2\) but logprobs has \(2, 3\)"),
-        ({"entropy": torch.zeros(3)}, "entropy has shape"),
-        ({"advantages": torch.zeros(3)}, r"advantages must be \[B\] = \[2\] or \[B, T\]"),
-        ({"mask": torch.ones(2, 4)}, r"mask has shape \(2, 4\)"),
-        ({"logprobs": torch.zeros(2, 3, 1)}, r"logprobs must be a non-empty \[B, T\] tensor"),
+        ({"agg": "seq-mean-token-sum-norm", "token_sum_normalizer": 0.0}, "token_sum_normalizer must be > 0"),
+        ({"tis_cap": 0.0}, "tis_cap must be > 0"),
     ],
 )
-def test_invalid_arguments_raise(kwargs, match):
-    args = {k: v.detach() for k, v in hand_batch().items()} | kwargs
-    if "logprobs" in kwargs:
-        args["old_logprobs"] = kwargs["logprobs"]
+def test_bad_settings_fail_when_the_loss_is_built(settings, match):
     with pytest.raises(ValueError, match=match):
-        policy_loss(**args)
+        ClippedPolicyLoss(**settings)
+
+
+def test_the_settings_cannot_change_after_the_checks():
+    loss = ClippedPolicyLoss()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        loss.clip_low = 2.0
+
+
+def test_defaults_are_the_configs():
+    from nemo_quagmire.config.grpo import GRPOConfig
+    from nemo_quagmire.trainer.grpo import policy_loss_from_config
+
+    assert policy_loss_from_config(GRPOConfig()) == ClippedPolicyLoss()
+
+
+@pytest.mark.parametrize(
+    ("settings", "inputs", "match"),
+    [
+        ({"kl_coef": 0.1}, {}, "kl_coef=0.1 needs ref_logprobs"),
+        ({"mask_truncated": True}, {}, "mask_truncated=True needs truncated"),
+        ({"tis_cap": 2.0}, {}, "needs both rollout_logprobs and tis_cap"),
+        ({}, {"rollout_logprobs": torch.zeros(2, 3)}, "needs both rollout_logprobs and tis_cap"),
+        ({}, {"global_num_tokens": 0}, "global_num_tokens must be a positive number"),
+        ({}, {"global_num_seqs": torch.ones(2)}, "global_num_seqs must be a scalar"),
+        ({}, {"truncated": torch.tensor([0, 1])}, r"truncated must be a bool tensor \[B\] = \[2\]"),
+        (
+            {},
+            {"ref_logprobs": torch.zeros(2, 2)},
+            r"ref_logprobs has shape \(2, 2\) but logprobs has \(2, 3\)",
+        ),
+        ({}, {"entropy": torch.zeros(3)}, "entropy has shape"),
+        ({}, {"advantages": torch.zeros(3)}, r"advantages must be \[B\] = \[2\] or \[B, T\]"),
+        ({}, {"mask": torch.ones(2, 4)}, r"mask has shape \(2, 4\)"),
+        ({}, {"logprobs": torch.zeros(2, 3, 1)}, r"logprobs must be a non-empty \[B, T\] tensor"),
+    ],
+)
+def test_bad_inputs_fail_at_the_call(settings, inputs, match):
+    loss = ClippedPolicyLoss(**settings)  # the settings themselves are fine
+    args = {k: v.detach() for k, v in hand_batch().items()} | inputs
+    if "logprobs" in inputs:
+        args["old_logprobs"] = inputs["logprobs"]
+    with pytest.raises(ValueError, match=match):
+        loss(**args)
 
 
 def test_entropy_metric():
     entropy = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, 5.0]], dtype=F64)  # 100 sits on padding
-    _, metrics = policy_loss(**hand_batch(), entropy=entropy)
-    assert metrics["entropy"].item() == pytest.approx((1 + 2 + 3 + 4 + 5) / 5)
+    _, metrics = ppo()(**hand_batch(), entropy=entropy)
+    assert metrics["entropy"].value.item() == pytest.approx((1 + 2 + 3 + 4 + 5) / 5)
+    assert metrics["entropy"].reduction == "mean" and metrics["entropy"].weight.item() == 5
+
+
+def test_every_metric_is_documented():
+    root = Path(__file__).resolve().parents[2]
+    reference = (root / "nemo_quagmire" / "METRICS.md").read_text(encoding="utf-8")
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    for name in ClippedPolicyLoss.METRIC_REDUCTIONS:
+        assert f"`train/{name}`" in reference, name
+        assert f"`{name}`" in readme, name
 
 
 def test_aggregate_loss_ignores_nonfinite_padding():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from nemo_quagmire.algorithms.losses import Metric
 from nemo_quagmire.config.model import get_model_preset
 from nemo_quagmire.megatron.train_step import OptimConfig
 
@@ -54,20 +55,37 @@ def micro_batches(step: int) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def masked_nll(logprobs: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """Token-mean NLL normalised by the global token count: micro-batch losses sum to the batch loss."""
-    nll_sum = -(logprobs * batch["loss_mask"]).sum()
-    return nll_sum / batch["global_tokens"], {"tokens": batch["loss_mask"].sum()}
+def masked_nll(
+    logprobs: torch.Tensor, batch: dict[str, torch.Tensor], entropy: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict]:
+    """Token-mean NLL normalised by the global token count: micro-batch losses sum to the batch loss. Its
+    metrics exercise every reduction: ``tokens`` (a sum), ``logprob_max`` (the largest log-prob of a loss
+    token, a max) and, when train_step passes the entropy, its token mean."""
+    mask = batch["loss_mask"]
+    nll_sum = -(logprobs * mask).sum()
+    metrics = {
+        "tokens": mask.sum(),
+        "logprob_max": Metric(logprobs.detach().masked_fill(mask == 0, -torch.inf).amax(), "max"),
+    }
+    if entropy is not None:
+        metrics["entropy"] = Metric((entropy * mask).sum() / mask.sum(), "mean", mask.sum())
+    return nll_sum / batch["global_tokens"], metrics
+
+
+TRAIN_METRICS = ("loss", "grad_norm", "entropy", "logprob_max")
 
 
 def train(trainer, steps: range, shard: tuple[int, int] = (0, 1)) -> dict[str, list[float]]:
-    """Loss and grad-norm series of ``steps`` optimizer steps; ``shard = (rank, size)`` picks this DP rank's
-    micro-batches. (Adam is nearly blind to the gradient's scale, so the grad norm is what checks it.)"""
+    """Loss, grad-norm, entropy and max log-prob series of ``steps`` optimizer steps; ``shard = (rank,
+    size)`` picks this DP rank's micro-batches. (Adam is nearly blind to the gradient's scale, so the grad
+    norm is what checks it.)"""
     from nemo_quagmire.megatron.train_step import train_step
 
     rank, size = shard
-    metrics = [train_step(trainer, micro_batches(step)[rank::size], masked_nll) for step in steps]
-    return {key: [m[key] for m in metrics] for key in ("loss", "grad_norm")}
+    metrics = [
+        train_step(trainer, micro_batches(step)[rank::size], masked_nll, with_entropy=True) for step in steps
+    ]
+    return {key: [m[key] for m in metrics] for key in TRAIN_METRICS}
 
 
 def _logprobs(model) -> tuple[list, list]:

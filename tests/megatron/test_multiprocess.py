@@ -75,11 +75,13 @@ def test_matches_reference(runs, name, got, expected, atol):
 TRAININGS = ["tp2", "dp2", "pp2"]
 
 
-@pytest.mark.parametrize("metric", ["loss", "grad_norm"])
+@pytest.mark.parametrize("metric", worker.TRAIN_METRICS)
 @pytest.mark.parametrize("layout", TRAININGS, ids=[f"{t}_training_matches_tp1" for t in TRAININGS])
 def test_training_matches_reference(runs, layout, metric):
     # grad_norm checks the gradient's scale: each micro-batch loss is globally normalised, so summing over
-    # micro-batches and DP ranks (not averaging) must give the TP=1 full-batch gradient.
+    # micro-batches and DP ranks (not averaging) must give the TP=1 full-batch gradient. The entropy (a
+    # token mean, vocab-parallel at TP=2) and logprob_max (a max: summed over the DP=2 ranks it would be
+    # twice as negative) must combine over micro-batches and ranks to the full-batch values.
     got, expected = runs[f"{layout}_train"][metric], runs["ref_train"][metric]
     assert got == pytest.approx(expected, rel=TRAIN_RTOL), f"{layout} {metric}: {got} vs {expected}"
 

@@ -82,6 +82,8 @@ def test_two_steps_log_bounded_metrics_save_checkpoints_and_call_every_hook(tmp_
         assert 0 < record["train/response_length"] <= 24
         assert record["train/num_tokens"] > 0 and record["train/update_successful"] == 1.0
         assert record["train/ratio_mean"] == pytest.approx(1.0)  # on-policy: one update per rollout
+        assert record["train/ratio_max"] == 1.0  # a max over the tokens, not a sum over micro-batches
+        assert 0 < record["train/entropy"] < math.log(28)  # below the uniform distribution's over 28 tokens
         stages = {k for k in record if k.startswith("timing/")}
         assert {"timing/generate", "timing/reward", "timing/train", "timing/step"} <= stages
     for record in val:
@@ -99,7 +101,9 @@ def test_two_steps_log_bounded_metrics_save_checkpoints_and_call_every_hook(tmp_
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, megatron_world1, monkeypatch, caplog):
     from nemo_quagmire.megatron.policy import MegatronPolicy
 
-    def nan_update(self, micro_batches, loss_fn, *, temperature=1.0, variable_shapes=False):
+    def nan_update(
+        self, micro_batches, loss_fn, *, temperature=1.0, variable_shapes=False, with_entropy=False
+    ):
         return {"loss": math.nan, "grad_norm": math.nan, "lr": 0.0, "update_successful": 0.0}
 
     monkeypatch.setattr(MegatronPolicy, "train", nan_update)
@@ -151,21 +155,26 @@ def _one_policy_update(run_dir, packing: str, loss_agg: str, batch: dict):
     return metrics, gradient
 
 
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
-def test_packed_policy_update_is_the_padded_update(tmp_path, megatron_world1, loss_agg):
-    # Lengths 30 | 30 | 20 + 9 | 18 + 12 | 7 + 5 at row capacity 30, two rows per micro-batch: one micro-batch
-    # of single-sequence rows (no mask) and two with packed rows (masked). Prompts are 4 tokens.
+def _fixed_batch() -> dict:
+    """8 rollout rows of lengths 20, 7, 30, 9, 12, 30, 5, 18 (prompts of 4 tokens), random advantages."""
     lengths = torch.tensor([20, 7, 30, 9, 12, 30, 5, 18])
     positions = torch.arange(30)
     tokens = torch.randint(3, 28, (8, 30), generator=torch.Generator().manual_seed(0))
     tokens[positions >= lengths[:, None]] = 0
-    batch = {
+    return {
         "tokens": tokens,
         "lengths": lengths,
         "mask": (positions >= 4) & (positions < lengths[:, None]),
         "advantages": torch.randn(8, generator=torch.Generator().manual_seed(1)),
         "truncated": torch.zeros(8, dtype=torch.bool),
     }
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_packed_policy_update_is_the_padded_update(tmp_path, megatron_world1, loss_agg):
+    # Lengths 30 | 30 | 20 + 9 | 18 + 12 | 7 + 5 at row capacity 30, two rows per micro-batch: one micro-batch
+    # of single-sequence rows (no mask) and two with packed rows (masked).
+    batch = _fixed_batch()
     padded, padded_gradient = _one_policy_update(tmp_path / "none", "none", loss_agg, batch)
     packed, packed_gradient = _one_policy_update(tmp_path / "packed", "packed", loss_agg, batch)
 
@@ -174,5 +183,47 @@ def test_packed_policy_update_is_the_padded_update(tmp_path, megatron_world1, lo
     assert packed["train/packing_efficiency"] == pytest.approx(131 / 132)
     assert packed["train/loss"] == pytest.approx(padded["train/loss"], rel=1e-5, abs=1e-7)
     assert packed["train/grad_norm"] == pytest.approx(padded["train/grad_norm"], rel=1e-5)
+    # The entropy the loss gets is unpacked like the log-probs: the same token mean either way.
+    assert 0 < packed["train/entropy"] == pytest.approx(padded["train/entropy"], rel=1e-5)
     assert padded_gradient.abs().max() > 1e-3  # a real update, not two zero gradients
     torch.testing.assert_close(packed_gradient, padded_gradient, atol=1e-6, rtol=1e-4)
+
+
+def test_minibatch_updates_average_their_means_and_max_their_maxima(tmp_path, megatron_world1):
+    import nemo_quagmire.megatron.policy as policy_module
+
+    cfg = tiny_run(
+        tmp_path,
+        sft_warmup={"steps": 0},
+        grpo={"num_minibatches": 2, "micro_batch_size": 2},
+        optim={"lr": 1e-2},
+    )
+    trainer = build_grpo_trainer(cfg)
+    trainer._setup()
+    per_update: list[dict[str, float]] = []
+
+    real_train_step = policy_module.train_step
+
+    def recording_train_step(*args, **kwargs):
+        per_update.append(real_train_step(*args, **kwargs))
+        return per_update[-1]
+
+    batch = _fixed_batch()
+    try:
+        old = trainer._logprobs(trainer.policy, batch["tokens"], batch["lengths"])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(policy_module, "train_step", recording_train_step)
+            metrics, attempted, skipped = trainer._policy_updates(
+                *(batch[k] for k in ("tokens", "lengths", "mask", "advantages", "truncated")),
+                {"old_logprobs": old},
+            )
+    finally:
+        trainer._close()
+    assert (attempted, skipped) == (2, 0) and metrics["train/update_successful"] == 1.0
+
+    first, second = per_update
+    assert first["ratio_max"] == pytest.approx(1.0, abs=1e-5)  # nothing has changed the policy yet
+    assert second["ratio_max"] > 1.01 and second["approx_kl"] > 0  # the first update moved it
+    assert metrics["train/ratio_max"] == second["ratio_max"]  # the step's max, not a sum or a mean
+    for name in ("approx_kl", "ratio_mean", "entropy", "clip_frac_high", "loss", "num_tokens"):
+        assert metrics[f"train/{name}"] == (first[name] + second[name]) / 2, name
