@@ -55,7 +55,6 @@ from nemo_quagmire.utils.logging import get_logger
 logger = get_logger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Prompt:
     """One RL prompt: its id, token ids and gold answer."""
