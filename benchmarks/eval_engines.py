@@ -110,9 +110,10 @@ def measure(
 
 def main() -> None:
     args = parse_args()
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.hf import export_hf
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig, parallel_context
+    from nemo_quagmire.megatron.parallel import parallel_context
     from nemo_quagmire.rollout.vllm_server import VLLMServerEngine
     from nemo_quagmire.trainer.run import megatron_rollout_engine
 

@@ -52,7 +52,8 @@ def parse_args() -> argparse.Namespace:
 
 def warm_up(model: list[torch.nn.Module], tokenizer: CharTokenizer, steps: int) -> float:
     """SFT the model for `steps` steps (batches of 64, lr 2e-3, packed rows); returns the last loss."""
-    from nemo_quagmire.megatron.train_step import OptimConfig, setup_training
+    from nemo_quagmire.config.optim import OptimConfig
+    from nemo_quagmire.megatron.train_step import setup_training
     from nemo_quagmire.trainer.sft_steps import encode_example, sft_step
 
     splits = generate_splits(SyntheticTaskConfig(), seed=SEED, num_sft=steps * 64, num_rl=0, num_heldout=0)
@@ -113,8 +114,9 @@ def held_out_problems(count: int) -> list[Problem]:
 
 def main() -> None:
     args = parse_args()
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig, parallel_context
+    from nemo_quagmire.megatron.parallel import parallel_context
 
     tokenizer = CharTokenizer()
     problems = held_out_problems(args.problems)

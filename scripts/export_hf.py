@@ -58,7 +58,7 @@ def check_inputs(args: argparse.Namespace):
     Raises:
         InputError: naming the argument, the value and the fix.
     """
-    from nemo_quagmire.config.source import CheckpointSourceError, read_checkpoint_source
+    from nemo_quagmire.trainer.checkpoint_source import CheckpointSourceError, read_checkpoint_source
 
     try:
         source = read_checkpoint_source(args.checkpoint, key="--checkpoint")
@@ -87,10 +87,11 @@ def export(args: argparse.Namespace) -> Path:
 
     import torch
 
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.checkpoint import load_checkpoint
     from nemo_quagmire.megatron.hf import export_hf
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig, parallel_context
+    from nemo_quagmire.megatron.parallel import parallel_context
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     partial = args.out.parent / f".{args.out.name}.partial"

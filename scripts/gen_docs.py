@@ -183,12 +183,12 @@ def render_config_reference() -> str:
 def dry_run_report(script: str, config_name: str) -> str:
     """What `python scripts/<script>.py --config-name=NAME dry_run=true` prints."""
     if script == "train_grpo":
-        from nemo_quagmire.config.grpo import compose_run_config
         from nemo_quagmire.plan.grpo import plan_grpo_run
+        from nemo_quagmire.trainer.entry import compose_run_config
 
         return plan_grpo_run(compose_run_config(config_name))[0]
-    from nemo_quagmire.config.sft import compose_sft_config
     from nemo_quagmire.plan.sft import plan_sft_run
+    from nemo_quagmire.trainer.entry import compose_sft_config
 
     return plan_sft_run(compose_sft_config(config_name))[0]
 

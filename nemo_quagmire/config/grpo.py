@@ -10,8 +10,6 @@ clip 0.2 / 0.28 (DAPO's clip-higher), no KL penalty, token-mean aggregation, lr 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -27,21 +25,20 @@ from pydantic import (
 from nemo_quagmire.algorithms.advantages import get_advantage_estimator
 from nemo_quagmire.algorithms.losses import AggMode, KLEstimator
 from nemo_quagmire.config.model import ModelConfig
+from nemo_quagmire.config.optim import OptimConfig
+from nemo_quagmire.config.parallel import ParallelConfig, model_split_problems
 from nemo_quagmire.config.run import (
-    CONF_DIR,
     HELDOUT_MISSING,
     TOKENIZER_MISSING,
     CheckpointConfig,
     LoggingConfig,
     ValidationConfig,
     check_files_used,
-    compose_config,
     model_from_preset,
 )
 from nemo_quagmire.config.run import FrozenConfig as _Config
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig
-from nemo_quagmire.megatron.parallel import ParallelConfig, model_split_problems
-from nemo_quagmire.megatron.train_step import OptimConfig
+from nemo_quagmire.eval.benchmarks import PromptTemplate
 
 __all__ = [
     "CheckpointConfig",
@@ -53,7 +50,6 @@ __all__ = [
     "SFTWarmupConfig",
     "ValidationConfig",
     "VLLMConfig",
-    "compose_run_config",
 ]
 
 
@@ -207,7 +203,7 @@ class DataConfig(_Config):
         description="HF tokenizer directory for task=jsonl; None = the tokenizer of checkpoint.load_from (an "
         "HF directory, or the run dir of a checkpoint). The synthetic task has its own.",
     )
-    prompt_template: Literal["plain", "chat"] = Field(
+    prompt_template: PromptTemplate = Field(
         default="chat",
         description="Math prompts as a chat-template user turn, or plain 'Problem: ... Solution:'.",
     )
@@ -291,14 +287,3 @@ class GRPORunConfig(_Config):
         if self.data.task == "jsonl" and self.data.tokenizer is None and self.checkpoint.load_from is None:
             raise ValueError(TOKENIZER_MISSING)
         return self
-
-
-def compose_run_config(
-    config_name: str, overrides: Sequence[str] = (), config_dir: str | Path = CONF_DIR
-) -> GRPORunConfig:
-    """The validated run config that `scripts/train_grpo.py --config-name=NAME OVERRIDES...` would use.
-
-    Raises:
-        pydantic.ValidationError: a bad key or value (format it with `config.errors.format_validation_error`).
-    """
-    return compose_config(GRPORunConfig, config_name, overrides, config_dir)

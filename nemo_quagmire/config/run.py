@@ -7,9 +7,8 @@ the paper's proxies of the post-RL outcome: Pass@k on benchmarks and the loss on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -21,25 +20,25 @@ from pydantic import (
     model_validator,
 )
 
-from nemo_quagmire.callbacks.passk import MAX_NUM_SAMPLES, SYNTHETIC
 from nemo_quagmire.config.model import ModelConfig, get_model_preset
-from nemo_quagmire.config.source import resolve_run_config
-from nemo_quagmire.eval.benchmarks import check_benchmark_name
+from nemo_quagmire.eval.benchmarks import PromptTemplate, check_benchmark_name
 
 __all__ = [
     "CONF_DIR",
     "HELDOUT_MISSING",
+    "MAX_NUM_SAMPLES",
+    "SYNTHETIC",
     "TOKENIZER_MISSING",
     "CheckpointConfig",
     "FrozenConfig",
     "LoggingConfig",
     "ValidationConfig",
     "check_files_used",
-    "compose_config",
     "model_from_preset",
 ]
 
-HeldOutTemplate = Literal["raw", "chat"]
+MAX_NUM_SAMPLES = 256  # the paper's n; pass@k estimates at k <= 64 are tight well before it
+SYNTHETIC = "synthetic"  # the benchmark name of the embedded task's held-out problems
 
 
 class FrozenConfig(BaseModel):
@@ -115,10 +114,10 @@ class ValidationConfig(FrozenConfig):
         description="JSONL of {prompt, response} (e.g. a held-out split of the SFT data); None = the "
         "synthetic task's held-out split (synthetic runs only).",
     )
-    heldout_prompt_template: HeldOutTemplate | None = Field(
+    heldout_prompt_template: PromptTemplate | None = Field(
         default=None,
-        description="How held-out prompts are tokenized: raw text or one chat-template user turn; None = as "
-        "the run's own prompts are.",
+        description="How held-out prompts are tokenized: plain text after BOS, or one chat-template user "
+        "turn; None = as the run's own prompts are.",
     )
     heldout_batch_size: PositiveInt = Field(default=32, description="Held-out examples per forward pass.")
 
@@ -202,27 +201,3 @@ def model_from_preset(value: Any) -> Any:
 
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (editable installs)
-ConfigT = TypeVar("ConfigT", bound=BaseModel)
-
-
-def compose_config(
-    schema: type[ConfigT], config_name: str, overrides: Sequence[str], config_dir: str | Path
-) -> ConfigT:
-    """Compose `config_dir/config_name.yaml` with Hydra command-line `overrides` and validate it.
-
-    `checkpoint.load_from` is resolved as the training scripts do (`config.source.resolve_run_config`), except
-    that one which does not exist here leaves the config's model section (as in a dry run), so the shipped
-    configs validate on any machine.
-
-    Raises:
-        pydantic.ValidationError: a bad key or value (format it with `config.errors.format_validation_error`).
-        CheckpointSourceError: `checkpoint.load_from` is invalid or contradicts the model section.
-    """
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        raw = compose(config_name=config_name, overrides=list(overrides))
-    container = OmegaConf.to_container(raw, resolve=True)
-    container.pop("hydra", None)
-    return schema.model_validate(resolve_run_config(container, overrides, missing_ok=True))

@@ -13,13 +13,13 @@ rows of 8-16k tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from nemo_quagmire.config.model import ModelConfig
+from nemo_quagmire.config.optim import OptimConfig
+from nemo_quagmire.config.parallel import ParallelConfig, model_split_problems
 from nemo_quagmire.config.run import (
     CONF_DIR,
     HELDOUT_MISSING,
@@ -29,17 +29,15 @@ from nemo_quagmire.config.run import (
     LoggingConfig,
     ValidationConfig,
     check_files_used,
-    compose_config,
     model_from_preset,
 )
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig
-from nemo_quagmire.megatron.parallel import ParallelConfig, model_split_problems
-from nemo_quagmire.megatron.train_step import OptimConfig
-from nemo_quagmire.trainer.sft_steps import Packing, PromptTemplate
+from nemo_quagmire.eval.benchmarks import PromptTemplate
 
-__all__ = ["SFT_CONF_DIR", "SFTConfig", "SFTDataConfig", "SFTRunConfig", "compose_sft_config"]
+__all__ = ["SFT_CONF_DIR", "Packing", "SFTConfig", "SFTDataConfig", "SFTRunConfig"]
 
 SFT_CONF_DIR = CONF_DIR / "sft"
+Packing = Literal["packed", "buckets", "none"]  # how SFT examples become rows (trainer.sft_steps)
 
 
 class SFTConfig(FrozenConfig):
@@ -91,9 +89,9 @@ class SFTDataConfig(FrozenConfig):
         "HF directory, or the run dir of a checkpoint). The synthetic task has its own.",
     )
     prompt_template: PromptTemplate = Field(
-        default="raw",
-        description="raw = BOS + prompt text; chat = the prompt as one user turn of the tokenizer's chat "
-        "template. Benchmark prompts for Pass@k follow: plain for raw, chat for chat.",
+        default="plain",
+        description="plain = BOS + prompt text; chat = the prompt as one user turn of the tokenizer's chat "
+        "template. Benchmark prompts for Pass@k are written the same way.",
     )
 
     @model_validator(mode="after")
@@ -101,7 +99,7 @@ class SFTDataConfig(FrozenConfig):
         if self.task == "jsonl" and self.train_file is None:
             raise ValueError("data.task=jsonl needs data.train_file (JSONL of {prompt, response})")
         if self.task == "synthetic" and self.prompt_template == "chat":
-            raise ValueError("data.prompt_template=chat needs an HF tokenizer (data.task=jsonl); use raw")
+            raise ValueError("data.prompt_template=chat needs an HF tokenizer (data.task=jsonl); use plain")
         check_files_used(self)
         return self
 
@@ -155,14 +153,3 @@ class SFTRunConfig(FrozenConfig):
                 f"parallel.data_parallel_size={dp}; every rank takes an equal share of each batch"
             )
         return self
-
-
-def compose_sft_config(
-    config_name: str, overrides: Sequence[str] = (), config_dir: str | Path = SFT_CONF_DIR
-) -> SFTRunConfig:
-    """The validated run config that `scripts/train_sft.py --config-name=NAME OVERRIDES...` would use.
-
-    Raises:
-        pydantic.ValidationError: a bad key or value (format it with `config.errors.format_validation_error`).
-    """
-    return compose_config(SFTRunConfig, config_name, overrides, config_dir)

@@ -66,7 +66,7 @@ def _data_problems(cfg: Any) -> list[str]:
 
 
 def _validation_problems(cfg: Any) -> list[str]:
-    from nemo_quagmire.callbacks.passk import SYNTHETIC
+    from nemo_quagmire.config.run import SYNTHETIC
     from nemo_quagmire.eval.benchmarks import BenchmarkError, available_benchmarks
     from nemo_quagmire.rewards.pool import check_num_workers
 

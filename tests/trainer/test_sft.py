@@ -13,6 +13,7 @@ from nemo_quagmire.config.sft import SFTRunConfig
 from nemo_quagmire.eval.samples import read_samples
 from nemo_quagmire.trainer.build import build_grpo_trainer, build_sft_trainer
 from nemo_quagmire.trainer.metrics import read_metrics
+from tests.tiny_model import TEST_MODEL_SECTION
 from tests.trainer.test_grpo import Recorder, tiny_run
 
 METRICS_DOC = Path(__file__).resolve().parents[2] / "nemo_quagmire" / "METRICS.md"
@@ -23,7 +24,7 @@ def sft_run(run_dir, **sections) -> SFTRunConfig:
     """4 steps of 16 examples on 2 layers, validating and checkpointing every 2 steps."""
     config = {
         "run_dir": str(run_dir),
-        "model": {"preset": "tiny", "vocab_size": 28, "max_position_embeddings": 128, "num_layers": 2},
+        "model": TEST_MODEL_SECTION,
         "optim": {"lr": 2e-3, "weight_decay": 0.0, "use_distributed_optimizer": False},
         "sft": {"global_batch_size": 16, "micro_batch_size": 8, "epochs": 1, "seq_length": 128},
         "data": {"num_sft": 64, "num_heldout": 8},

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_quagmire.config.model import get_model_preset
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig, generate_splits
 from nemo_quagmire.data.tokenizer import CharTokenizer
 from nemo_quagmire.trainer.sft_steps import (
@@ -16,6 +15,7 @@ from nemo_quagmire.trainer.sft_steps import (
     micro_batches,
     sft_step,
 )
+from tests.tiny_model import TEST_MODEL
 
 TOKENIZER = CharTokenizer()
 
@@ -80,12 +80,14 @@ def examples() -> list[EncodedExample]:
 
 
 def _step(examples, packing, drop_segments=False):
+    from nemo_quagmire.config.optim import OptimConfig
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig, set_random_seed
-    from nemo_quagmire.megatron.train_step import OptimConfig, setup_training
+    from nemo_quagmire.megatron.parallel import set_random_seed
+    from nemo_quagmire.megatron.train_step import setup_training
 
     set_random_seed(1234)  # the same initial weights for every packing
-    model_cfg = get_model_preset("tiny").replace(vocab_size=28, max_position_embeddings=128, num_layers=2)
+    model_cfg = TEST_MODEL
     # A clip norm that never clips: grad_norm is reported, the gradient left as it is.
     trainer = setup_training(build_model(model_cfg, ParallelConfig()), OptimConfig(lr=1e-3, clip_grad=1e9))
     if drop_segments:  # what packing without the attention mask would compute
