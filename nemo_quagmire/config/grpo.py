@@ -34,6 +34,7 @@ from nemo_quagmire.config.run import (
     LoggingConfig,
     ValidationConfig,
     check_files_used,
+    data_parallel_problems,
     model_from_preset,
 )
 from nemo_quagmire.config.run import FrozenConfig as _Config
@@ -81,7 +82,7 @@ class GRPOConfig(_Config):
     num_minibatches: PositiveInt = Field(
         default=1, description="Policy updates per rollout batch (1 = on-policy, ratio exactly 1)."
     )
-    micro_batch_size: PositiveInt = Field(default=32, description="Rows per forward/backward micro-batch.")
+    micro_batch_size: PositiveInt = Field(default=1, description="Rows per forward/backward micro-batch.")
     packing: Literal["none", "packed"] = Field(
         default="none",
         description="Rows of the policy update and of the old/reference log-prob passes: 'packed' puts "
@@ -180,7 +181,7 @@ class RolloutConfig(_Config):
         le=1.0,
         description="Keep 1.0: the trainer cannot reproduce nucleus renormalisation.",
     )
-    max_new_tokens: PositiveInt = Field(default=64, description="Completion budget of a rollout.")
+    max_new_tokens: PositiveInt = Field(default=1024, description="Completion budget of a rollout.")
     max_prompt_tokens: PositiveInt = Field(
         default=1024, description="Longest prompt in tokens (sizes the KV cache and the memory plan)."
     )
@@ -228,7 +229,7 @@ class GRPORunConfig(_Config):
     """Everything a GRPO run needs. `model` is a preset name plus overrides, or a full model config."""
 
     run_dir: str = Field(
-        default="runs/grpo-tiny", description="Metrics, checkpoints, logs and samples of the run."
+        default="runs/grpo", description="Metrics, checkpoints, logs and samples of the run."
     )
     seed: int = Field(default=1234, description="Seeds weights, prompt draws and sampling (exact resume).")
     max_steps: PositiveInt = Field(default=100, description="GRPO steps (one rollout batch each).")
@@ -264,6 +265,12 @@ class GRPORunConfig(_Config):
                 "grpo.dynamic_sampling with grpo.num_minibatches > 1 is not supported: the kept rows vary "
                 "per step and cannot be split evenly; use num_minibatches=1"
             )
+        if self.grpo.packing == "packed" and self.parallel.context_parallel_size > 1:
+            raise ValueError(
+                "grpo.packing=packed needs megatron's local attention (it keeps attention within each "
+                "sequence by an explicit mask), and parallel.context_parallel_size > 1 needs Transformer "
+                "Engine attention; set grpo.packing=none or parallel.context_parallel_size=1"
+            )
         if self.grpo.packing == "packed" and self.parallel.pipeline_model_parallel_size > 1:
             raise ValueError(
                 "grpo.packing=packed makes micro-batches of different shapes, which pipeline stages cannot "
@@ -286,4 +293,7 @@ class GRPORunConfig(_Config):
         self.validation.check_benchmarks_encodable(synthetic_task=self.data.task == "synthetic")
         if self.data.task == "jsonl" and self.data.tokenizer is None and self.checkpoint.load_from is None:
             raise ValueError(TOKENIZER_MISSING)
+        if self.parallel.data_parallel_size is not None:
+            if problems := data_parallel_problems(self, self.parallel.data_parallel_size):
+                raise ValueError("; ".join(problems))
         return self

@@ -34,6 +34,7 @@ __all__ = [
     "LoggingConfig",
     "ValidationConfig",
     "check_files_used",
+    "data_parallel_problems",
     "model_from_preset",
 ]
 
@@ -88,8 +89,13 @@ class ValidationConfig(FrozenConfig):
     ks: tuple[PositiveInt, ...] | None = Field(
         default=None, description="ks of pass@k and maj@k; None = 1, 2, 4, ... <= num_samples."
     )
-    temperature: NonNegativeFloat = Field(default=1.0, description="Sampling temperature (0 = greedy).")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 = off.")
+    temperature: NonNegativeFloat = Field(
+        default=0.6,
+        description="Sampling temperature (0 = greedy); 0.6 with top_p 0.95 is what the DeepSeek-R1 and "
+        "Qwen3 model cards recommend for reasoning models. One setting for every checkpoint "
+        "(generation_config.json is not read).",
+    )
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 = off.")
     max_new_tokens: PositiveInt | None = Field(
         default=None, description="Completion budget; None = rollout.max_new_tokens (GRPO runs)."
     )
@@ -173,6 +179,27 @@ def check_files_used(data: BaseModel) -> None:
             f"{'them' if len(unused) > 1 else 'it'}; set data.task=jsonl to train on the file, or remove "
             f"{' and '.join(unused)}"
         )
+
+
+def data_parallel_problems(cfg: BaseModel, data_parallel_size: int) -> list[str]:
+    """The rules of an SFT or GRPO run config that need the data-parallel size, one line per problem naming
+    the key, its value and the fix: every rank takes an equal share of each batch.
+
+    The one home of these rules: the run schemas call it when `parallel.data_parallel_size` is set (so a dry
+    run checks them), `trainer.preflight` with the size the launched world leaves; the trainers trust it.
+    """
+    dp, problems = data_parallel_size, []
+    shares = {
+        "grpo.prompts_per_step": getattr(getattr(cfg, "grpo", None), "prompts_per_step", None),
+        "sft.global_batch_size": getattr(getattr(cfg, "sft", None), "global_batch_size", None),
+    }
+    for key, value in shares.items():
+        if value is not None and value % dp:
+            problems.append(
+                f"{key}={value} is not divisible by the data-parallel size {dp}: every rank takes an equal "
+                f"share of each batch; use a multiple of {dp}"
+            )
+    return problems
 
 
 TOKENIZER_MISSING = (

@@ -29,6 +29,7 @@ from nemo_quagmire.config.run import (
     LoggingConfig,
     ValidationConfig,
     check_files_used,
+    data_parallel_problems,
     model_from_preset,
 )
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig
@@ -107,9 +108,7 @@ class SFTDataConfig(FrozenConfig):
 class SFTRunConfig(FrozenConfig):
     """Everything an SFT run needs. `model` is a preset name plus overrides, or a full model config."""
 
-    run_dir: str = Field(
-        default="runs/sft-tiny", description="Metrics, checkpoints, logs and samples of the run."
-    )
+    run_dir: str = Field(default="runs/sft", description="Metrics, checkpoints, logs and samples of the run.")
     seed: int = Field(default=1234, description="Seeds weights, data order and sampling (exact resume).")
     dry_run: bool = Field(default=False, description="Validate, print layout and memory plan, exit.")
     gpus_per_node: PositiveInt = Field(default=8, description="For the layout and memory plan.")
@@ -118,8 +117,8 @@ class SFTRunConfig(FrozenConfig):
     optim: OptimConfig = OptimConfig(lr=1e-5)
     sft: SFTConfig = SFTConfig()
     data: SFTDataConfig = SFTDataConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    validation: ValidationConfig = ValidationConfig(max_new_tokens=1024)
+    checkpoint: CheckpointConfig = CheckpointConfig(interval=100)
+    validation: ValidationConfig = ValidationConfig(interval=50, max_new_tokens=1024)
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("model", mode="before")
@@ -131,6 +130,12 @@ class SFTRunConfig(FrozenConfig):
     def _check(self) -> SFTRunConfig:
         if problems := model_split_problems(self.model, self.parallel):
             raise ValueError("the model does not split over the parallel layout: " + "; ".join(problems))
+        if self.sft.packing == "packed" and self.parallel.context_parallel_size > 1:
+            raise ValueError(
+                "sft.packing=packed needs megatron's local attention (it keeps attention within each example "
+                "by an explicit mask), and parallel.context_parallel_size > 1 needs Transformer Engine "
+                "attention; set sft.packing=buckets or parallel.context_parallel_size=1"
+            )
         if self.sft.seq_length > self.model.max_position_embeddings:
             raise ValueError(
                 f"sft.seq_length={self.sft.seq_length} exceeds model.max_position_embeddings="
@@ -146,10 +151,7 @@ class SFTRunConfig(FrozenConfig):
         self.validation.check_benchmarks_encodable(synthetic_task=self.data.task == "synthetic")
         if self.data.task == "jsonl" and self.data.tokenizer is None and self.checkpoint.load_from is None:
             raise ValueError(TOKENIZER_MISSING)
-        dp = self.parallel.data_parallel_size
-        if dp is not None and self.sft.global_batch_size % dp:
-            raise ValueError(
-                f"sft.global_batch_size={self.sft.global_batch_size} is not divisible by "
-                f"parallel.data_parallel_size={dp}; every rank takes an equal share of each batch"
-            )
+        if self.parallel.data_parallel_size is not None:
+            if problems := data_parallel_problems(self, self.parallel.data_parallel_size):
+                raise ValueError("; ".join(problems))
         return self
