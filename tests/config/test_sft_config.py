@@ -69,6 +69,15 @@ def test_command_line_overrides_reach_the_typed_config():
         ({"validation": {"max_new_tokens": None}}, "validation.max_new_tokens is unset"),
         ({"data": {"task": "jsonl", "train_file": "t.jsonl", "tokenizer": "tok"}}, "validation.heldout_file"),
         ({"data": {"prompt_template": "chat"}}, "needs an HF tokenizer"),
+        # "raw" was the SFT name of "plain" (one name now): the error names the value to use
+        (
+            {"data": {"prompt_template": "raw"}},
+            "data.prompt_template = 'raw': Input should be 'plain' or 'chat'",
+        ),
+        (
+            {"validation": {"heldout_prompt_template": "raw"}},
+            "validation.heldout_prompt_template = 'raw': Input should be 'plain' or 'chat'",
+        ),
         ({"parallel": {"data_parallel_size": 3}}, "global_batch_size=64 is not divisible"),
         ({"sft": {"epoch": 2}}, "sft.epoch: unknown key"),
     ],
