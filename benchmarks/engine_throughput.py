@@ -53,8 +53,9 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from nemo_quagmire.config.model import ModelConfig, get_model_preset
-from nemo_quagmire.megatron.parallel import ParallelConfig
-from nemo_quagmire.megatron.train_step import OptimConfig, Trainer
+from nemo_quagmire.config.optim import OptimConfig
+from nemo_quagmire.config.parallel import ParallelConfig
+from nemo_quagmire.megatron.train_step import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 1234

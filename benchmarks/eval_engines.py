@@ -110,7 +110,8 @@ def measure(
 
 def main() -> None:
     args = parse_args()
-    from nemo_quagmire.megatron.parallel import ParallelConfig, parallel_context
+    from nemo_quagmire.config.parallel import ParallelConfig
+    from nemo_quagmire.megatron.parallel import parallel_context
     from nemo_quagmire.megatron.policy import MegatronPolicy
     from nemo_quagmire.rollout.vllm_server import VLLMServerEngine
 

@@ -57,8 +57,8 @@ def parse_args() -> argparse.Namespace:
 
 def warm_up(policy: MegatronPolicy, tokenizer: CharTokenizer, steps: int) -> float:
     """SFT the policy for `steps` steps (batches of 64, lr 2e-3, packed rows); returns the last loss."""
+    from nemo_quagmire.config.optim import OptimConfig
     from nemo_quagmire.data.batching import encode_example
-    from nemo_quagmire.megatron.train_step import OptimConfig
     from nemo_quagmire.trainer.sft import sft_step
 
     splits = generate_splits(SyntheticTaskConfig(), seed=SEED, num_sft=steps * 64, num_rl=0, num_heldout=0)
@@ -117,7 +117,8 @@ def held_out_problems(count: int) -> list[Problem]:
 
 def main() -> None:
     args = parse_args()
-    from nemo_quagmire.megatron.parallel import ParallelConfig, parallel_context
+    from nemo_quagmire.config.parallel import ParallelConfig
+    from nemo_quagmire.megatron.parallel import parallel_context
     from nemo_quagmire.megatron.policy import MegatronPolicy
 
     tokenizer = CharTokenizer()

@@ -152,9 +152,10 @@ def char_tokenizer() -> Any:
 def export_initial_weights(out_dir: Path) -> None:
     """Initialise our tiny model (seed SEED) and write it as the transformers checkpoint both sides load."""
     from nemo_quagmire.config.model import get_model_preset
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.hf import export_hf
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig, parallel_context
+    from nemo_quagmire.megatron.parallel import parallel_context
 
     model_cfg, parallel_cfg = get_model_preset("tiny"), ParallelConfig()
     with parallel_context(model_cfg, parallel_cfg, seed=SEED):
@@ -258,7 +259,7 @@ class StepClock:
 def our_run_config(run_dir: Path, init_dir: Path, num_steps: int, micro_batch_size: int) -> Any:
     """The tiny config at the shared shape: vocab 100, 32 new tokens, lr 1e-5, no SFT warm-up, no validation
     or checkpoint until the end."""
-    from nemo_quagmire.config.grpo import compose_run_config
+    from nemo_quagmire.trainer.entry import compose_run_config
 
     never = num_steps + 1
     return compose_run_config(

@@ -78,7 +78,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nemo_quagmire.callbacks.passk import MAX_NUM_SAMPLES, SYNTHETIC, PassAtKCallback
+from nemo_quagmire.callbacks.passk import PassAtKCallback
+from nemo_quagmire.config.run import MAX_NUM_SAMPLES, SYNTHETIC
 from nemo_quagmire.eval.shards import ShardStore, ShardStoreError
 from nemo_quagmire.predict.runs import DEFAULT_RL_METRIC, feature_name, target_column
 from nemo_quagmire.predict.table import ID_COLUMN
@@ -135,7 +136,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--prompt-template", choices=["chat", "plain"], default="chat", help="math benchmarks"
     )
     parser.add_argument("--heldout", default=None, help="JSONL of {prompt, response}, or 'synthetic'")
-    parser.add_argument("--heldout-template", choices=["raw", "chat"], default="raw")
+    parser.add_argument("--heldout-template", choices=["plain", "chat"], default="plain")
     parser.add_argument("--heldout-batch-size", type=int, default=32)
     parser.add_argument(
         "--tokenizer", default=None, help="tokenizer directory (HF or this project's char one)"
@@ -217,7 +218,7 @@ def validation_config(args: argparse.Namespace) -> Any:
 
 def load_tokenizer(args: argparse.Namespace, checkpoint: Path) -> Any:
     """--tokenizer, else the checkpoint's own (the HF directory's, or the one its run dir keeps)."""
-    from nemo_quagmire.config.source import load_tokenizer as load
+    from nemo_quagmire.trainer.checkpoint_source import load_tokenizer as load
 
     directory = Path(args.tokenizer) if args.tokenizer is not None else _source(checkpoint).tokenizer_dir
     if directory is None:
@@ -233,8 +234,8 @@ def model_config_of(checkpoint: Path) -> tuple[Any, int]:
 
 def _source(checkpoint: Path) -> Any:
     """What `--checkpoint` provides; a damaged checkpoint of this project is refused before any model work."""
-    from nemo_quagmire.config.source import CheckpointSourceError, read_checkpoint_source
     from nemo_quagmire.megatron.checkpoint import META_FILE, checkpoint_problems
+    from nemo_quagmire.trainer.checkpoint_source import CheckpointSourceError, read_checkpoint_source
 
     if (checkpoint / META_FILE).is_file() and (problems := checkpoint_problems(checkpoint)):
         raise InputError(f"checkpoint {checkpoint} is damaged: {', '.join(problems)}")
@@ -492,7 +493,8 @@ def _hf_dir(job: Job) -> Path:
 
 def evaluate_job(job: Job, args: argparse.Namespace, engines: VLLMEngines | None) -> dict[str, Any]:
     """Held-out loss on the Megatron model; pass@k on it or on the vLLM engines (after an HF export)."""
-    from nemo_quagmire.megatron.parallel import ParallelConfig, parallel_context
+    from nemo_quagmire.config.parallel import ParallelConfig
+    from nemo_quagmire.megatron.parallel import parallel_context
     from nemo_quagmire.megatron.policy import MegatronPolicy
     from nemo_quagmire.trainer.callbacks import PolicyHandle
 

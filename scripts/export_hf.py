@@ -55,7 +55,7 @@ def check_inputs(args: argparse.Namespace):
     Raises:
         InputError: naming the argument, the value and the fix.
     """
-    from nemo_quagmire.config.source import CheckpointSourceError, read_checkpoint_source
+    from nemo_quagmire.trainer.checkpoint_source import CheckpointSourceError, read_checkpoint_source
 
     try:
         source = read_checkpoint_source(args.checkpoint, key="--checkpoint")
@@ -85,7 +85,8 @@ def export(args: argparse.Namespace) -> Path:
 
     import torch
 
-    from nemo_quagmire.megatron.parallel import ParallelConfig, parallel_context
+    from nemo_quagmire.config.parallel import ParallelConfig
+    from nemo_quagmire.megatron.parallel import parallel_context
     from nemo_quagmire.megatron.policy import MegatronPolicy
 
     dtype = getattr(torch, args.dtype) if args.dtype else None

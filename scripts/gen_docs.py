@@ -2,9 +2,9 @@
 test_generated_docs.py fails when a committed file is stale):
 
 - docs/config-reference.md, whole: every key of the typed run configs (GRPORunConfig, SFTRunConfig) with its
-  type, bounds, default and description, read from the pydantic schemas. Defaults are the schema's (what a
-  key is when no YAML sets it); conf/grpo_base.yaml, conf/sft/sft_base.yaml and the shipped configs set many
-  keys explicitly.
+  type, bounds, default and description, read from the pydantic schemas. Defaults are the schema's, which
+  conf/grpo_base.yaml and conf/sft/sft_base.yaml repeat key for key (tests/config/test_base_defaults.py);
+  the shipped configs override some.
 - docs/scaling.md, its dry-run blocks only (```$ python scripts/train_X.py --config-name=NAME dry_run=true```
   followed by the plan): each is replaced by the planner's current report for that config. The prose around
   them is written by hand.
@@ -152,8 +152,9 @@ def render_config_reference() -> str:
         "Every key a run config accepts, with its type, default and meaning. Set keys in a YAML under conf/",
         "or on the command line as Hydra overrides (`key=value`; `+model.<field>=value` for a model field",
         "the YAML does not list). Unknown keys and bad values stop the run before anything starts, naming",
-        "the key (exit code 2). Defaults here are the schemas'; the base YAMLs and the shipped configs set",
-        "many keys explicitly. Bounds are shown after the type (`int > 0`).",
+        "the key (exit code 2). Defaults here are the schemas'; the base YAMLs repeat them key for key",
+        "(tests/config/test_base_defaults.py) and the shipped configs override some. Bounds are shown after",
+        "the type (`int > 0`).",
         "",
     ]
     for schema, title, script, conf_dir, base_yaml in RUN_CONFIGS:
@@ -183,12 +184,12 @@ def render_config_reference() -> str:
 def dry_run_report(script: str, config_name: str) -> str:
     """What `python scripts/<script>.py --config-name=NAME dry_run=true` prints."""
     if script == "train_grpo":
-        from nemo_quagmire.config.grpo import compose_run_config
         from nemo_quagmire.plan.grpo import plan_grpo_run
+        from nemo_quagmire.trainer.entry import compose_run_config
 
         return plan_grpo_run(compose_run_config(config_name))[0]
-    from nemo_quagmire.config.sft import compose_sft_config
     from nemo_quagmire.plan.sft import plan_sft_run
+    from nemo_quagmire.trainer.entry import compose_sft_config
 
     return plan_sft_run(compose_sft_config(config_name))[0]
 

@@ -81,9 +81,9 @@ def _compose(train: str, config_name: str, overrides: list[str]):
     from nemo_quagmire.config.errors import format_validation_error
 
     if train == "grpo":
-        from nemo_quagmire.config.grpo import compose_run_config as compose
+        from nemo_quagmire.trainer.entry import compose_run_config as compose
     else:
-        from nemo_quagmire.config.sft import compose_sft_config as compose
+        from nemo_quagmire.trainer.entry import compose_sft_config as compose
     try:
         return compose(config_name, overrides)
     except ValidationError as error:

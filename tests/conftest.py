@@ -46,7 +46,8 @@ def megatron_world1() -> Iterator[None]:
     import torch.distributed as dist
 
     from nemo_quagmire.config.model import get_model_preset
-    from nemo_quagmire.megatron.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+    from nemo_quagmire.config.parallel import ParallelConfig
+    from nemo_quagmire.megatron.parallel import destroy_parallel, initialize_parallel
 
     owns_group = not dist.is_initialized()
     initialize_parallel(get_model_preset("tiny"), ParallelConfig(), seed=1234)

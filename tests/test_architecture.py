@@ -62,6 +62,91 @@ def test_core_imports_only_allowed_packages(core):
     assert not bad, "pure core imports a framework or non-core module:\n" + "\n".join(bad)
 
 
+# config/ is a leaf: pure schemas that every layer reads, so it imports nothing above it (no engine, trainer,
+# callback, rollout, planner or script), not even lazily. Allowed: the stdlib, pydantic and its typing
+# helpers, the project's utils, and the pure modules whose names and rules the schemas validate against.
+CONFIG_ALLOWED_PACKAGES = {"pydantic", "pydantic_core", "typing_extensions", "annotated_types"}
+CONFIG_ALLOWED_MODULES = (
+    "nemo_quagmire.config",
+    "nemo_quagmire.utils",
+    "nemo_quagmire.algorithms",  # the advantage-estimator registry, the loss's mode names
+    "nemo_quagmire.eval.benchmarks",  # benchmark names, prompt templates
+    "nemo_quagmire.data.synthetic",  # the embedded task's config
+)
+
+
+def _resolved_imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth of the file (lazy imports too), relative ones resolved."""
+    package = ["nemo_quagmire", *path.relative_to(PACKAGE).parent.parts]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            names.add(".".join([*base, *([node.module] if node.module else [])]))
+    return names
+
+
+def config_import_violations(files: list[Path]) -> list[str]:
+    allowed_top = CONFIG_ALLOWED_PACKAGES | set(sys.stdlib_module_names) | {"__future__"}
+    bad = []
+    for path in files:
+        for name in sorted(_resolved_imports(path)):
+            top = name.split(".")[0]
+            if top == "nemo_quagmire":
+                if not any(name == m or name.startswith(m + ".") for m in CONFIG_ALLOWED_MODULES):
+                    bad.append(f"{path.relative_to(PACKAGE)}: {name}")
+            elif top not in allowed_top:
+                bad.append(f"{path.relative_to(PACKAGE)}: {name}")
+    return bad
+
+
+def test_config_is_a_leaf():
+    bad = config_import_violations(_files("config"))
+    assert not bad, "config/ imports above itself (move the type into config/ instead):\n" + "\n".join(bad)
+
+
+def test_the_config_leaf_check_catches_an_upward_import(tmp_path, monkeypatch):
+    """The check above fails on each kind of upward import: lazy, relative, a framework."""
+    fake = tmp_path / "nemo_quagmire"
+    (fake / "config").mkdir(parents=True)
+    (fake / "config" / "bad.py").write_text(
+        "from nemo_quagmire.utils.errors import InputError\n"
+        "def f():\n    from nemo_quagmire.megatron.parallel import launched_world\n"
+        "from ..trainer import sft_steps\nimport hydra\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    bad = config_import_violations([fake / "config" / "bad.py"])
+    assert bad == [
+        "config/bad.py: hydra",
+        "config/bad.py: nemo_quagmire.megatron.parallel",
+        "config/bad.py: nemo_quagmire.trainer",
+    ]
+
+
+def test_config_imports_without_the_layers_above_it():
+    """Every config module in a fresh interpreter in which importing megatron, Hydra, the engine, trainers,
+    callbacks, rollouts, planners or study code raises (the transitive check of the AST test above)."""
+    import subprocess
+
+    modules = [
+        "nemo_quagmire." + p.relative_to(PACKAGE).as_posix().removesuffix(".py").replace("/", ".")
+        for p in _files("config")
+    ]
+    above = ("megatron", "transformer_engine", "vllm", "hydra", "omegaconf", "lightning", "nemo")
+    above += tuple(
+        f"nemo_quagmire.{p}"
+        for p in ("megatron", "trainer", "callbacks", "rollout", "integrations", "plan", "study", "launch")
+    )
+    code = _BLOCKER.format(blocked=above, modules=modules, scripts=[])
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_only_the_megatron_package_imports_megatron():
     """The engine, and the adapters to frameworks built on megatron (NeMo 2, Megatron-Bridge hand them
     megatron model chunks and parallel state; they import it lazily, see the test below)."""
@@ -120,8 +205,6 @@ TRAIN_ONLY = (
     "nemo_quagmire.trainer.sft",
     "nemo_quagmire.trainer.build",
     "nemo_quagmire.trainer.run",
-    "nemo_quagmire.config.grpo",
-    "nemo_quagmire.config.sft",
 )
 _BLOCKER = """
 import importlib, runpy, sys

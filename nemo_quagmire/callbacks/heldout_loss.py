@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from nemo_quagmire.data.batching import EncodedExample, PromptTemplate, encode_example
+from nemo_quagmire.data.batching import EncodedExample, encode_example
+from nemo_quagmire.eval.benchmarks import PromptTemplate
 from nemo_quagmire.trainer.callbacks import Callback, PolicyHandle, Tokenizer
 from nemo_quagmire.utils.errors import InputError
 from nemo_quagmire.utils.json_lines import iter_json_lines
@@ -107,7 +108,7 @@ class HeldOutLossCallback(Callback):
         examples: a JSONL file of `{"prompt", "response"}` objects, or the examples themselves.
         tokenizer: the policy's tokenizer.
         micro_batch_size: examples per `PolicyHandle.logprobs` call.
-        prompt_template: "raw" (BOS + prompt text) or "chat" (one user turn of the chat template), as the
+        prompt_template: "plain" (BOS + prompt text) or "chat" (one user turn of the chat template), as the
             run's training data are tokenized.
         max_length: the model's context (`max_position_embeddings`); longer examples are an error.
 
@@ -121,7 +122,7 @@ class HeldOutLossCallback(Callback):
         tokenizer: Tokenizer,
         *,
         micro_batch_size: int = 32,
-        prompt_template: PromptTemplate = "raw",
+        prompt_template: PromptTemplate = "plain",
         max_length: int | None = None,
     ) -> None:
         if micro_batch_size < 1:

@@ -53,6 +53,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from nemo_quagmire.config.run import MAX_NUM_SAMPLES, SYNTHETIC
 from nemo_quagmire.eval.benchmarks import BenchmarkError, Problem, available_benchmarks, load_benchmarks
 from nemo_quagmire.eval.passk import default_ks
 from nemo_quagmire.eval.samples import SampleRecord, samples_file, summarize, write_report, write_samples
@@ -65,8 +66,6 @@ from nemo_quagmire.utils.progress import SampleProgress
 __all__ = [
     "EVAL_SUBDIR",
     "GenerateFn",
-    "MAX_NUM_SAMPLES",
-    "SYNTHETIC",
     "PassAtKCallback",
     "PromptFn",
     "eval_dir",
@@ -77,8 +76,6 @@ logger = get_logger(__name__)
 
 PromptFn = Callable[[Problem], list[int]]
 GenerateFn = Callable[[Sequence[Sequence[int]], int, SamplingParams], RolloutBatch]
-MAX_NUM_SAMPLES = 256  # the paper's n; pass@k estimates at k <= 64 are tight well before it
-SYNTHETIC = "synthetic"  # the config name of the embedded task's held-out problems
 EVAL_SUBDIR = "eval"
 
 

@@ -10,7 +10,6 @@ clip 0.2 / 0.28 (DAPO's clip-higher), no KL penalty, token-mean aggregation, lr 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,22 +26,22 @@ from pydantic import (
 from nemo_quagmire.algorithms.advantages import get_advantage_estimator
 from nemo_quagmire.algorithms.losses import AggMode, KLEstimator
 from nemo_quagmire.config.model import ModelConfig
+from nemo_quagmire.config.optim import OptimConfig
+from nemo_quagmire.config.parallel import ParallelConfig, model_split_problems
 from nemo_quagmire.config.run import (
-    CONF_DIR,
     HELDOUT_MISSING,
     TOKENIZER_MISSING,
     CheckpointConfig,
     LoggingConfig,
     ValidationConfig,
     check_files_used,
-    compose_config,
+    data_parallel_problems,
     model_from_preset,
 )
 from nemo_quagmire.config.run import FrozenConfig as _Config
 from nemo_quagmire.config.sft import SFTConfig, SFTDataConfig, SFTRunConfig
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig
-from nemo_quagmire.megatron.parallel import ParallelConfig, model_split_problems
-from nemo_quagmire.megatron.train_step import OptimConfig
+from nemo_quagmire.eval.benchmarks import PromptTemplate
 
 __all__ = [
     "CheckpointConfig",
@@ -55,7 +54,6 @@ __all__ = [
     "SFTWarmupConfig",
     "ValidationConfig",
     "VLLMConfig",
-    "compose_run_config",
 ]
 
 SFT_WARMUP_SUBDIR = "sft_warmup"  # <run_dir>/sft_warmup: the warm-up's own run directory
@@ -89,7 +87,7 @@ class GRPOConfig(_Config):
     num_minibatches: PositiveInt = Field(
         default=1, description="Policy updates per rollout batch (1 = on-policy, ratio exactly 1)."
     )
-    micro_batch_size: PositiveInt = Field(default=32, description="Rows per forward/backward micro-batch.")
+    micro_batch_size: PositiveInt = Field(default=1, description="Rows per forward/backward micro-batch.")
     packing: Literal["none", "packed"] = Field(
         default="none",
         description="Rows of the policy update and of the old/reference log-prob passes: 'packed' puts "
@@ -185,7 +183,7 @@ class RolloutConfig(_Config):
         le=1.0,
         description="Keep 1.0: the trainer cannot reproduce nucleus renormalisation.",
     )
-    max_new_tokens: PositiveInt = Field(default=64, description="Completion budget of a rollout.")
+    max_new_tokens: PositiveInt = Field(default=1024, description="Completion budget of a rollout.")
     max_prompt_tokens: PositiveInt = Field(
         default=1024, description="Longest prompt in tokens (sizes the KV cache and the memory plan)."
     )
@@ -208,7 +206,7 @@ class DataConfig(_Config):
         description="HF tokenizer directory for task=jsonl; None = the tokenizer of checkpoint.load_from (an "
         "HF directory, or the run dir of a checkpoint). The synthetic task has its own.",
     )
-    prompt_template: Literal["plain", "chat"] = Field(
+    prompt_template: PromptTemplate = Field(
         default="chat",
         description="Math prompts as a chat-template user turn, or plain 'Problem: ... Solution:'.",
     )
@@ -237,7 +235,7 @@ class GRPORunConfig(_Config):
     """Everything a GRPO run needs. `model` is a preset name plus overrides, or a full model config."""
 
     run_dir: str = Field(
-        default="runs/grpo-tiny", description="Metrics, checkpoints, logs and samples of the run."
+        default="runs/grpo", description="Metrics, checkpoints, logs and samples of the run."
     )
     seed: int = Field(default=1234, description="Seeds weights, prompt draws and sampling (exact resume).")
     max_steps: PositiveInt = Field(default=100, description="GRPO steps (one rollout batch each).")
@@ -302,6 +300,12 @@ class GRPORunConfig(_Config):
                 "grpo.dynamic_sampling with grpo.num_minibatches > 1 is not supported: the kept rows vary "
                 "per step and cannot be split evenly; use num_minibatches=1"
             )
+        if self.grpo.packing == "packed" and self.parallel.context_parallel_size > 1:
+            raise ValueError(
+                "grpo.packing=packed needs megatron's local attention (it keeps attention within each "
+                "sequence by an explicit mask), and parallel.context_parallel_size > 1 needs Transformer "
+                "Engine attention; set grpo.packing=none or parallel.context_parallel_size=1"
+            )
         if self.grpo.packing == "packed" and self.parallel.pipeline_model_parallel_size > 1:
             raise ValueError(
                 "grpo.packing=packed makes micro-batches of different shapes, which pipeline stages cannot "
@@ -319,22 +323,14 @@ class GRPORunConfig(_Config):
                 "sft_warmup applies to the synthetic task only; with data.task=jsonl start from an SFT "
                 "checkpoint (checkpoint.load_from) and set sft_warmup.steps=0"
             )
-        if self.sft_warmup.steps:
-            self.sft_warmup_run()  # its own rules (batch over data-parallel ranks, lengths) hold at the door
         if self.validation.heldout_source_missing(synthetic_task=self.data.task == "synthetic"):
             raise ValueError(HELDOUT_MISSING)
         self.validation.check_benchmarks_encodable(synthetic_task=self.data.task == "synthetic")
         if self.data.task == "jsonl" and self.data.tokenizer is None and self.checkpoint.load_from is None:
             raise ValueError(TOKENIZER_MISSING)
+        if self.parallel.data_parallel_size is not None:
+            if problems := data_parallel_problems(self, self.parallel.data_parallel_size):
+                raise ValueError("; ".join(problems))
+        if self.sft_warmup.steps:
+            self.sft_warmup_run()  # the warm-up is an SFT run: its schema's rules hold at the door too
         return self
-
-
-def compose_run_config(
-    config_name: str, overrides: Sequence[str] = (), config_dir: str | Path = CONF_DIR
-) -> GRPORunConfig:
-    """The validated run config that `scripts/train_grpo.py --config-name=NAME OVERRIDES...` would use.
-
-    Raises:
-        pydantic.ValidationError: a bad key or value (format it with `config.errors.format_validation_error`).
-    """
-    return compose_config(GRPORunConfig, config_name, overrides, config_dir)

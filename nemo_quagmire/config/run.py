@@ -7,9 +7,8 @@ the paper's proxies of the post-RL outcome: Pass@k on benchmarks and the loss on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -21,25 +20,26 @@ from pydantic import (
     model_validator,
 )
 
-from nemo_quagmire.callbacks.passk import MAX_NUM_SAMPLES, SYNTHETIC
 from nemo_quagmire.config.model import ModelConfig, get_model_preset
-from nemo_quagmire.config.source import resolve_run_config
-from nemo_quagmire.eval.benchmarks import check_benchmark_name
+from nemo_quagmire.eval.benchmarks import PromptTemplate, check_benchmark_name
 
 __all__ = [
     "CONF_DIR",
     "HELDOUT_MISSING",
+    "MAX_NUM_SAMPLES",
+    "SYNTHETIC",
     "TOKENIZER_MISSING",
     "CheckpointConfig",
     "FrozenConfig",
     "LoggingConfig",
     "ValidationConfig",
     "check_files_used",
-    "compose_config",
+    "data_parallel_problems",
     "model_from_preset",
 ]
 
-HeldOutTemplate = Literal["raw", "chat"]
+MAX_NUM_SAMPLES = 256  # the paper's n; pass@k estimates at k <= 64 are tight well before it
+SYNTHETIC = "synthetic"  # the benchmark name of the embedded task's held-out problems
 
 
 class FrozenConfig(BaseModel):
@@ -89,8 +89,13 @@ class ValidationConfig(FrozenConfig):
     ks: tuple[PositiveInt, ...] | None = Field(
         default=None, description="ks of pass@k and maj@k; None = 1, 2, 4, ... <= num_samples."
     )
-    temperature: NonNegativeFloat = Field(default=1.0, description="Sampling temperature (0 = greedy).")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 = off.")
+    temperature: NonNegativeFloat = Field(
+        default=0.6,
+        description="Sampling temperature (0 = greedy); 0.6 with top_p 0.95 is what the DeepSeek-R1 and "
+        "Qwen3 model cards recommend for reasoning models. One setting for every checkpoint "
+        "(generation_config.json is not read).",
+    )
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 = off.")
     max_new_tokens: PositiveInt | None = Field(
         default=None, description="Completion budget; None = rollout.max_new_tokens (GRPO runs)."
     )
@@ -115,10 +120,10 @@ class ValidationConfig(FrozenConfig):
         description="JSONL of {prompt, response} (e.g. a held-out split of the SFT data); None = the "
         "synthetic task's held-out split (synthetic runs only).",
     )
-    heldout_prompt_template: HeldOutTemplate | None = Field(
+    heldout_prompt_template: PromptTemplate | None = Field(
         default=None,
-        description="How held-out prompts are tokenized: raw text or one chat-template user turn; None = as "
-        "the run's own prompts are.",
+        description="How held-out prompts are tokenized: plain text after BOS, or one chat-template user "
+        "turn; None = as the run's own prompts are.",
     )
     heldout_batch_size: PositiveInt = Field(default=32, description="Held-out examples per forward pass.")
 
@@ -176,6 +181,29 @@ def check_files_used(data: BaseModel) -> None:
         )
 
 
+def data_parallel_problems(cfg: BaseModel, data_parallel_size: int) -> list[str]:
+    """The rules of an SFT or GRPO run config that need the data-parallel size, one line per problem naming
+    the key, its value and the fix: every rank takes an equal share of each batch.
+
+    The one home of these rules: the run schemas call it when `parallel.data_parallel_size` is set (so a dry
+    run checks them), `trainer.preflight` with the size the launched world leaves; the trainers trust it.
+    """
+    dp, problems = data_parallel_size, []
+    warmup = getattr(cfg, "sft_warmup", None)
+    shares = {
+        "grpo.prompts_per_step": getattr(getattr(cfg, "grpo", None), "prompts_per_step", None),
+        "sft.global_batch_size": getattr(getattr(cfg, "sft", None), "global_batch_size", None),
+        "sft_warmup.batch_size": warmup.batch_size if warmup is not None and warmup.steps else None,
+    }
+    for key, value in shares.items():
+        if value is not None and value % dp:
+            problems.append(
+                f"{key}={value} is not divisible by the data-parallel size {dp}: every rank takes an equal "
+                f"share of each batch; use a multiple of {dp}"
+            )
+    return problems
+
+
 TOKENIZER_MISSING = (
     "data.task=jsonl needs a tokenizer: set checkpoint.load_from (an HF directory, or a checkpoint whose run "
     "dir keeps an HF tokenizer; its tokenizer is used) or data.tokenizer (a local HF tokenizer directory)"
@@ -202,27 +230,3 @@ def model_from_preset(value: Any) -> Any:
 
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/ (editable installs)
-ConfigT = TypeVar("ConfigT", bound=BaseModel)
-
-
-def compose_config(
-    schema: type[ConfigT], config_name: str, overrides: Sequence[str], config_dir: str | Path
-) -> ConfigT:
-    """Compose `config_dir/config_name.yaml` with Hydra command-line `overrides` and validate it.
-
-    `checkpoint.load_from` is resolved as the training scripts do (`config.source.resolve_run_config`), except
-    that one which does not exist here leaves the config's model section (as in a dry run), so the shipped
-    configs validate on any machine.
-
-    Raises:
-        pydantic.ValidationError: a bad key or value (format it with `config.errors.format_validation_error`).
-        CheckpointSourceError: `checkpoint.load_from` is invalid or contradicts the model section.
-    """
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        raw = compose(config_name=config_name, overrides=list(overrides))
-    container = OmegaConf.to_container(raw, resolve=True)
-    container.pop("hydra", None)
-    return schema.model_validate(resolve_run_config(container, overrides, missing_ok=True))

@@ -13,13 +13,13 @@ rows of 8-16k tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from nemo_quagmire.config.model import ModelConfig
+from nemo_quagmire.config.optim import OptimConfig
+from nemo_quagmire.config.parallel import ParallelConfig, model_split_problems
 from nemo_quagmire.config.run import (
     CONF_DIR,
     HELDOUT_MISSING,
@@ -29,17 +29,16 @@ from nemo_quagmire.config.run import (
     LoggingConfig,
     ValidationConfig,
     check_files_used,
-    compose_config,
+    data_parallel_problems,
     model_from_preset,
 )
-from nemo_quagmire.data.batching import Packing, PromptTemplate
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig
-from nemo_quagmire.megatron.parallel import ParallelConfig, model_split_problems
-from nemo_quagmire.megatron.train_step import OptimConfig
+from nemo_quagmire.eval.benchmarks import PromptTemplate
 
-__all__ = ["SFT_CONF_DIR", "SFTConfig", "SFTDataConfig", "SFTRunConfig", "compose_sft_config"]
+__all__ = ["SFT_CONF_DIR", "Packing", "SFTConfig", "SFTDataConfig", "SFTRunConfig"]
 
 SFT_CONF_DIR = CONF_DIR / "sft"
+Packing = Literal["packed", "buckets", "none"]  # how SFT examples become rows (data.batching)
 
 
 class SFTConfig(FrozenConfig):
@@ -91,9 +90,9 @@ class SFTDataConfig(FrozenConfig):
         "HF directory, or the run dir of a checkpoint). The synthetic task has its own.",
     )
     prompt_template: PromptTemplate = Field(
-        default="raw",
-        description="raw = BOS + prompt text; chat = the prompt as one user turn of the tokenizer's chat "
-        "template. Benchmark prompts for Pass@k follow: plain for raw, chat for chat.",
+        default="plain",
+        description="plain = BOS + prompt text; chat = the prompt as one user turn of the tokenizer's chat "
+        "template. Benchmark prompts for Pass@k are written the same way.",
     )
 
     @model_validator(mode="after")
@@ -101,7 +100,7 @@ class SFTDataConfig(FrozenConfig):
         if self.task == "jsonl" and self.train_file is None:
             raise ValueError("data.task=jsonl needs data.train_file (JSONL of {prompt, response})")
         if self.task == "synthetic" and self.prompt_template == "chat":
-            raise ValueError("data.prompt_template=chat needs an HF tokenizer (data.task=jsonl); use raw")
+            raise ValueError("data.prompt_template=chat needs an HF tokenizer (data.task=jsonl); use plain")
         check_files_used(self)
         return self
 
@@ -109,9 +108,7 @@ class SFTDataConfig(FrozenConfig):
 class SFTRunConfig(FrozenConfig):
     """Everything an SFT run needs. `model` is a preset name plus overrides, or a full model config."""
 
-    run_dir: str = Field(
-        default="runs/sft-tiny", description="Metrics, checkpoints, logs and samples of the run."
-    )
+    run_dir: str = Field(default="runs/sft", description="Metrics, checkpoints, logs and samples of the run.")
     seed: int = Field(default=1234, description="Seeds weights, data order and sampling (exact resume).")
     dry_run: bool = Field(default=False, description="Validate, print layout and memory plan, exit.")
     gpus_per_node: PositiveInt = Field(default=8, description="For the layout and memory plan.")
@@ -120,8 +117,8 @@ class SFTRunConfig(FrozenConfig):
     optim: OptimConfig = OptimConfig(lr=1e-5)
     sft: SFTConfig = SFTConfig()
     data: SFTDataConfig = SFTDataConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    validation: ValidationConfig = ValidationConfig(max_new_tokens=1024)
+    checkpoint: CheckpointConfig = CheckpointConfig(interval=100)
+    validation: ValidationConfig = ValidationConfig(interval=50, max_new_tokens=1024)
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("model", mode="before")
@@ -133,6 +130,12 @@ class SFTRunConfig(FrozenConfig):
     def _check(self) -> SFTRunConfig:
         if problems := model_split_problems(self.model, self.parallel):
             raise ValueError("the model does not split over the parallel layout: " + "; ".join(problems))
+        if self.sft.packing == "packed" and self.parallel.context_parallel_size > 1:
+            raise ValueError(
+                "sft.packing=packed needs megatron's local attention (it keeps attention within each example "
+                "by an explicit mask), and parallel.context_parallel_size > 1 needs Transformer Engine "
+                "attention; set sft.packing=buckets or parallel.context_parallel_size=1"
+            )
         if self.sft.seq_length > self.model.max_position_embeddings:
             raise ValueError(
                 f"sft.seq_length={self.sft.seq_length} exceeds model.max_position_embeddings="
@@ -148,21 +151,7 @@ class SFTRunConfig(FrozenConfig):
         self.validation.check_benchmarks_encodable(synthetic_task=self.data.task == "synthetic")
         if self.data.task == "jsonl" and self.data.tokenizer is None and self.checkpoint.load_from is None:
             raise ValueError(TOKENIZER_MISSING)
-        dp = self.parallel.data_parallel_size
-        if dp is not None and self.sft.global_batch_size % dp:
-            raise ValueError(
-                f"sft.global_batch_size={self.sft.global_batch_size} is not divisible by "
-                f"parallel.data_parallel_size={dp}; every rank takes an equal share of each batch"
-            )
+        if self.parallel.data_parallel_size is not None:
+            if problems := data_parallel_problems(self, self.parallel.data_parallel_size):
+                raise ValueError("; ".join(problems))
         return self
-
-
-def compose_sft_config(
-    config_name: str, overrides: Sequence[str] = (), config_dir: str | Path = SFT_CONF_DIR
-) -> SFTRunConfig:
-    """The validated run config that `scripts/train_sft.py --config-name=NAME OVERRIDES...` would use.
-
-    Raises:
-        pydantic.ValidationError: a bad key or value (format it with `config.errors.format_validation_error`).
-    """
-    return compose_config(SFTRunConfig, config_name, overrides, config_dir)

@@ -23,19 +23,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
+
+from nemo_quagmire.config.sft import Packing
+from nemo_quagmire.eval.benchmarks import PromptTemplate
 
 if TYPE_CHECKING:
     from nemo_quagmire.trainer.callbacks import Tokenizer
 
 __all__ = [
     "EncodedExample",
-    "Packing",
     "PackedMicroBatch",
     "PackedRows",
-    "PromptTemplate",
     "Row",
     "build_rows",
     "encode_example",
@@ -46,9 +47,6 @@ __all__ = [
     "padded_micro_batches",
     "row_micro_batches",
 ]
-
-Packing = Literal["packed", "buckets", "none"]
-PromptTemplate = Literal["raw", "chat"]
 
 
 @dataclass(frozen=True)
@@ -63,28 +61,28 @@ class EncodedExample:
 
 
 def encode_example(
-    example: Mapping[str, str], tokenizer: Tokenizer, template: PromptTemplate = "raw"
+    example: Mapping[str, str], tokenizer: Tokenizer, template: PromptTemplate = "plain"
 ) -> EncodedExample:
-    """Tokenize a `{"prompt", "response"}` pair: BOS + prompt ("raw"), or the prompt as one user turn of the
+    """Tokenize a `{"prompt", "response"}` pair: BOS + prompt ("plain"), or the prompt as one user turn of the
     tokenizer's chat template with the assistant cue ("chat"); then the response and EOS.
 
     Raises:
         ValueError: "chat" with a tokenizer that has no chat template, or an unknown template.
     """
-    if template == "raw":
+    if template == "plain":
         prompt = tokenizer.encode(example["prompt"], add_bos=True, add_eos=False)
     elif template == "chat":
         if not hasattr(tokenizer, "apply_chat_template"):
             raise ValueError(
                 f"prompt template 'chat' needs a tokenizer with a chat template; {type(tokenizer).__name__} "
-                "has none: use 'raw'"
+                "has none: use 'plain'"
             )
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": example["prompt"]}], tokenize=False, add_generation_prompt=True
         )
         prompt = tokenizer.encode(text, add_bos=False)  # the template writes its own BOS
     else:
-        raise ValueError(f"unknown prompt template {template!r}; use 'raw' or 'chat'")
+        raise ValueError(f"unknown prompt template {template!r}; use 'plain' or 'chat'")
     response = tokenizer.encode(example["response"], add_bos=False, add_eos=True)
     return EncodedExample(tuple(prompt + response), len(prompt))
 

@@ -25,8 +25,8 @@ import torch
 from packaging.version import Version
 
 from nemo_quagmire.config.model import Fp8Recipe, ModelConfig
+from nemo_quagmire.config.parallel import ParallelConfig
 from nemo_quagmire.megatron import compat
-from nemo_quagmire.megatron.parallel import ParallelConfig
 from nemo_quagmire.utils.logging import get_logger
 
 if TYPE_CHECKING:

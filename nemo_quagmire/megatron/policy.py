@@ -21,12 +21,13 @@ from typing import Any
 import torch
 
 from nemo_quagmire.config.model import ModelConfig
+from nemo_quagmire.config.optim import OptimConfig
+from nemo_quagmire.config.parallel import ParallelConfig
 from nemo_quagmire.megatron.checkpoint import META_FILE, load_checkpoint, save_checkpoint
 from nemo_quagmire.megatron.hf import export_hf, iter_hf_weights, load_hf_weights
 from nemo_quagmire.megatron.logprobs import compute_logprobs, honours_attention_masks, sequence_pad_multiple
 from nemo_quagmire.megatron.model import build_model
 from nemo_quagmire.megatron.parallel import (
-    ParallelConfig,
     all_gather_objects_data_parallel,
     all_reduce_sum_data_parallel,
     data_parallel_rank_and_size,
@@ -35,7 +36,6 @@ from nemo_quagmire.megatron.parallel import (
 from nemo_quagmire.megatron.train_step import (
     LossFn,
     MicroBatch,
-    OptimConfig,
     Trainer,
     setup_training,
     train_step,

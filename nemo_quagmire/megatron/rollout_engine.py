@@ -207,11 +207,11 @@ class MegatronRolloutEngine:
             A :class:`RolloutBatch` of ``len(prompts) * group_size`` rows on the model's device.
 
         Raises:
-            ValueError: empty prompt list or prompt, ids outside the vocabulary, ``group_size < 1``, prompt
-                plus budget longer than ``max_position_embeddings``, or ragged prompts with Transformer
-                Engine attention.
+            ValueError: empty prompt list or prompt, ids outside the vocabulary, prompt plus budget longer
+                than ``max_position_embeddings``, or ragged prompts with Transformer Engine attention
+                (``group_size`` comes checked from the config: grpo.group_size, validation.num_samples).
         """
-        self._check_request(prompts, group_size, sampling)
+        self._check_request(prompts, sampling)
         generator = self._stream if sampling.seed is None else self._new_generator(sampling.seed)
         stop_ids = torch.tensor(sorted({self._eos_id, *sampling.stop_token_ids}), device=self._device)
         rows = [list(prompt) for prompt in prompts for _ in range(group_size)]
@@ -239,14 +239,10 @@ class MegatronRolloutEngine:
             prompt_index=torch.arange(len(prompts), device=self._device).repeat_interleave(group_size),
         )
 
-    def _check_request(
-        self, prompts: Sequence[Sequence[int]], group_size: int, sampling: SamplingParams
-    ) -> None:
+    def _check_request(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> None:
         vocab = self._cfg.vocab_size
         if not prompts:
             raise ValueError("prompts is empty; pass at least one prompt")
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
         for index, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {index} is empty; every prompt needs at least one token")

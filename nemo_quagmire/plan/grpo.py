@@ -40,6 +40,9 @@ def training_setup(cfg: GRPORunConfig) -> TrainingSetup:
         distributed_optimizer=cfg.optim.use_distributed_optimizer,
         recompute=cfg.model.recompute,
         reference_model=grpo.kl_coef > 0,
+        # packed rows keep attention within each sequence through an explicit mask: megatron's local
+        # (unfused) attention, whose s x s scores the plan counts (as the SFT plan does)
+        attention_kernel="unfused" if grpo.packing == "packed" else "fused",
     )
 
 

@@ -289,8 +289,6 @@ class VLLMRolloutEngine:
         temperature 0 one greedy completion is decoded per prompt and repeated ``group_size`` times (vLLM
         refuses n > 1 when greedy)."""
         llm = self._open_llm()
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
         if not prompts:
             raise ValueError("generate got no prompts")
         seeds = _prompt_seeds(len(prompts), sampling.seed, prompt_seeds)

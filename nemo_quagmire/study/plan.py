@@ -26,8 +26,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from nemo_quagmire.callbacks.passk import MAX_NUM_SAMPLES
-from nemo_quagmire.config.run import CONF_DIR, FrozenConfig
+from nemo_quagmire.config.run import CONF_DIR, MAX_NUM_SAMPLES, FrozenConfig
 from nemo_quagmire.data.synthetic import MAX_DIGITS
 
 __all__ = [

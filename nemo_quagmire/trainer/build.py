@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from nemo_quagmire.callbacks.heldout_loss import HeldOutLossCallback
-from nemo_quagmire.callbacks.passk import SYNTHETIC, PassAtKCallback, PromptFn, select_benchmarks
+from nemo_quagmire.callbacks.passk import PassAtKCallback, PromptFn, select_benchmarks
 from nemo_quagmire.config.grpo import GRPORunConfig
 from nemo_quagmire.config.model import ModelConfig
-from nemo_quagmire.config.run import ValidationConfig
+from nemo_quagmire.config.run import SYNTHETIC, ValidationConfig
 from nemo_quagmire.config.sft import SFTRunConfig
-from nemo_quagmire.data.batching import PromptTemplate as ExampleTemplate
 from nemo_quagmire.data.hf_tokenizer import HFTokenizer
 from nemo_quagmire.data.jsonl import SFT_FIELDS, read_records
 from nemo_quagmire.data.synthetic import BENCHMARK_NAME, SyntheticSplits, generate_splits
@@ -54,7 +53,7 @@ def build_grpo_trainer(cfg: GRPORunConfig, extra_callbacks: Sequence[Callback] =
         model=cfg.model,
         seed=cfg.seed,
         max_new_tokens=cfg.validation_max_new_tokens,
-        heldout_template="raw",
+        heldout_template="plain",
         splits=splits,
     )
     return GRPOTrainer(
@@ -95,7 +94,7 @@ def _build_math_trainer(cfg: GRPORunConfig, extra_callbacks: Sequence[Callback])
         model=cfg.model,
         seed=cfg.seed,
         max_new_tokens=cfg.validation_max_new_tokens,
-        heldout_template="chat" if cfg.data.prompt_template == "chat" else "raw",
+        heldout_template=cfg.data.prompt_template,
         math_prompt_ids=prompt_ids,
     )
     return GRPOTrainer(cfg, prompts=prompts, tokenizer=tokenizer, callbacks=[*validation, *extra_callbacks])
@@ -115,8 +114,7 @@ def build_sft_trainer(cfg: SFTRunConfig, extra_callbacks: Sequence[Callback] = (
     else:
         tokenizer = _hf_tokenizer(data.tokenizer, cfg.model)
         examples = read_records(data.train_file, SFT_FIELDS)
-        benchmark_template: PromptTemplate = "chat" if data.prompt_template == "chat" else "plain"
-        math_prompt_ids = math_prompt_fn(benchmark_template, tokenizer)
+        math_prompt_ids = math_prompt_fn(data.prompt_template, tokenizer)
     validation = validation_callbacks(
         cfg.validation,
         tokenizer=tokenizer,
@@ -137,7 +135,7 @@ def validation_callbacks(
     model: ModelConfig,
     seed: int,
     max_new_tokens: int | None,
-    heldout_template: ExampleTemplate,
+    heldout_template: PromptTemplate,
     splits: SyntheticSplits | None = None,
     math_prompt_ids: PromptFn | None = None,
     shard_size: int | None = None,

@@ -18,10 +18,15 @@ from __future__ import annotations
 import io
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel
+
+from nemo_quagmire.config.grpo import GRPORunConfig
+from nemo_quagmire.config.run import CONF_DIR
+from nemo_quagmire.config.sft import SFT_CONF_DIR, SFTRunConfig
 from nemo_quagmire.utils.errors import (
     EXIT_INPUT_ERROR,
     EXIT_PREEMPTED,
@@ -31,7 +36,9 @@ from nemo_quagmire.utils.errors import (
     require_extra,
 )
 
-__all__ = ["hydra_entry", "plan_or_train"]
+__all__ = ["compose_config", "compose_run_config", "compose_sft_config", "hydra_entry", "plan_or_train"]
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 def hydra_entry(
@@ -97,13 +104,13 @@ def _run(raw: Any, schema: type, *, plan: Callable, build: Callable, what: str) 
     from omegaconf import OmegaConf
 
     from nemo_quagmire.config.errors import validate_config
-    from nemo_quagmire.config.source import CheckpointSourceError, resolve_run_config
+    from nemo_quagmire.trainer.checkpoint_source import CheckpointSourceError, resolve_run_config
     from nemo_quagmire.utils.logging import configure_logging
 
     configure_logging()
     container = OmegaConf.to_container(raw, resolve=True)
     container.pop("hydra", None)
-    try:  # the model shape and tokenizer of checkpoint.load_from (config.source), before validation
+    try:  # the model shape and tokenizer of checkpoint.load_from (checkpoint_source), before validation
         container = resolve_run_config(container, HydraConfig.get().overrides.task)
     except CheckpointSourceError as error:
         raise InputError(f"invalid {what}: {error}") from None
@@ -171,3 +178,42 @@ def _record(raw: Any, run_dir: Path) -> None:
     log_file = logging.FileHandler(run_dir / f"{hydra_cfg.job.name}.log")  # train_grpo.log, train_sft.log
     log_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(log_file)
+
+
+def compose_config(
+    schema: type[ConfigT], config_name: str, overrides: Sequence[str], config_dir: str | Path
+) -> ConfigT:
+    """Compose `config_dir/config_name.yaml` with Hydra command-line `overrides` and validate it.
+
+    `checkpoint.load_from` is resolved as the training scripts do
+    (`trainer.checkpoint_source.resolve_run_config`), except that one which does not exist here leaves the
+    config's model section (as in a dry run), so the shipped configs validate on any machine.
+
+    Raises:
+        pydantic.ValidationError: a bad key or value (format it with `config.errors.format_validation_error`).
+        CheckpointSourceError: `checkpoint.load_from` is invalid or contradicts the model section.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from nemo_quagmire.trainer.checkpoint_source import resolve_run_config
+
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        raw = compose(config_name=config_name, overrides=list(overrides))
+    container = OmegaConf.to_container(raw, resolve=True)
+    container.pop("hydra", None)
+    return schema.model_validate(resolve_run_config(container, overrides, missing_ok=True))
+
+
+def compose_run_config(
+    config_name: str, overrides: Sequence[str] = (), config_dir: str | Path = CONF_DIR
+) -> GRPORunConfig:
+    """The validated run config that `scripts/train_grpo.py --config-name=NAME OVERRIDES...` would use."""
+    return compose_config(GRPORunConfig, config_name, overrides, config_dir)
+
+
+def compose_sft_config(
+    config_name: str, overrides: Sequence[str] = (), config_dir: str | Path = SFT_CONF_DIR
+) -> SFTRunConfig:
+    """The validated run config that `scripts/train_sft.py --config-name=NAME OVERRIDES...` would use."""
+    return compose_config(SFTRunConfig, config_name, overrides, config_dir)

@@ -198,7 +198,7 @@ class GRPOTrainer(RunLoop):
     def _step_prompts(self) -> list[Prompt]:
         """This DP rank's prompts for the step: a draw seeded by (seed, step), whole groups per rank."""
         per_step = self.cfg.grpo.prompts_per_step
-        dp_rank, dp_size = data_parallel_rank_and_size()
+        dp_rank, dp_size = data_parallel_rank_and_size()  # per_step % dp_size == 0: trainer.preflight
         rng = random.Random(f"{self.cfg.seed}/prompts/{self.step}")
         chosen = rng.sample(range(len(self.prompts)), min(per_step, len(self.prompts)))
         return [self.prompts[i] for i in chosen[dp_rank::dp_size]]

@@ -44,14 +44,16 @@ def preflight(cfg: Any) -> None:
 
 
 def _layout_problems(cfg: Any) -> list[str]:
+    """The layout against the launched world, then the batch rules against the data-parallel size left."""
+    from nemo_quagmire.config.run import data_parallel_problems
     from nemo_quagmire.megatron.parallel import launched_world, validate_layout
 
     world_size, backend = launched_world()
     try:
-        validate_layout(cfg.model, cfg.parallel, world_size, backend=backend)
+        layout = validate_layout(cfg.model, cfg.parallel, world_size, backend=backend)
     except ValueError as err:
         return [f"parallel: {line.strip()}" for line in str(err).splitlines()[1:]] or [f"parallel: {err}"]
-    return []
+    return data_parallel_problems(cfg, layout.dp)
 
 
 def _data_problems(cfg: Any) -> list[str]:
@@ -66,7 +68,7 @@ def _data_problems(cfg: Any) -> list[str]:
 
 
 def _validation_problems(cfg: Any) -> list[str]:
-    from nemo_quagmire.callbacks.passk import SYNTHETIC
+    from nemo_quagmire.config.run import SYNTHETIC
     from nemo_quagmire.eval.benchmarks import BenchmarkError, available_benchmarks
     from nemo_quagmire.rewards.pool import check_num_workers
 

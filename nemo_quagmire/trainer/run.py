@@ -36,11 +36,11 @@ from typing import Any, ClassVar, Protocol
 
 from nemo_quagmire.config.model import ModelConfig
 from nemo_quagmire.config.run import CheckpointConfig, LoggingConfig, ValidationConfig
-from nemo_quagmire.config.source import write_model_dir
 from nemo_quagmire.megatron.checkpoint import resumable_checkpoint
 from nemo_quagmire.megatron.policy import MegatronPolicy
 from nemo_quagmire.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from nemo_quagmire.trainer.callbacks import Callback, CallbackList, PolicyHandle, Tokenizer
+from nemo_quagmire.trainer.checkpoint_source import write_model_dir
 from nemo_quagmire.trainer.metrics import MetricsLogger, StageTimer
 from nemo_quagmire.trainer.signals import Preempted, stop_on_sigterm
 from nemo_quagmire.utils.io import atomic_write
@@ -109,7 +109,7 @@ class RunLoop:
     Args:
         cfg: the validated run config.
         tokenizer: encodes prompts, decodes completions (saved with the HF model config to `<run_dir>/model`,
-            see `config.source.write_model_dir`).
+            see `trainer.checkpoint_source.write_model_dir`).
         callbacks: validation and monitoring hooks.
         max_steps: optimizer steps of the whole run.
 

@@ -80,12 +80,6 @@ class SFTTrainer(RunLoop):
                 f"{len(self.examples)} usable SFT examples are fewer than one global batch "
                 f"(sft.global_batch_size={sft.global_batch_size}); add data or lower the batch size"
             )
-        _, dp_size = data_parallel_rank_and_size()
-        if sft.global_batch_size % dp_size:
-            raise ValueError(
-                f"sft.global_batch_size={sft.global_batch_size} is not divisible by the data-parallel size "
-                f"{dp_size}; every rank takes an equal share of each batch"
-            )
         max_steps = sft.max_steps or sft.epochs * self.steps_per_epoch
         super().__init__(cfg, tokenizer=tokenizer, callbacks=callbacks, max_steps=max_steps)
         self.cfg: SFTRunConfig = cfg

@@ -31,7 +31,8 @@ def world1(bench: ModuleType) -> Iterator[None]:
     """A one-process megatron world; an existing one (another test module's) is reused, not torn down."""
     from megatron.core import parallel_state as ps
 
-    from nemo_quagmire.megatron.parallel import ParallelConfig, parallel_context
+    from nemo_quagmire.config.parallel import ParallelConfig
+    from nemo_quagmire.megatron.parallel import parallel_context
 
     if ps.model_parallel_is_initialized():
         assert ps.get_tensor_model_parallel_world_size() == ps.get_pipeline_model_parallel_world_size() == 1

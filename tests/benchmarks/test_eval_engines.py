@@ -16,7 +16,7 @@ _spec.loader.exec_module(bench)
 
 
 def test_an_engine_is_measured_through_the_pass_at_k_evaluation(megatron_world1):
-    from nemo_quagmire.megatron.parallel import ParallelConfig
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.policy import MegatronPolicy
 
     tokenizer = bench.CharTokenizer()

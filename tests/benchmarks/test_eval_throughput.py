@@ -16,7 +16,7 @@ _spec.loader.exec_module(bench)
 
 
 def test_a_warmed_up_model_is_measured_with_and_without_overlap(megatron_world1):
-    from nemo_quagmire.megatron.parallel import ParallelConfig
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.policy import MegatronPolicy
 
     model = MegatronPolicy(bench.MODEL, ParallelConfig(), seed=0)

@@ -109,5 +109,5 @@ def test_examples_longer_than_the_context_are_named():
 
 
 def test_a_chat_template_needs_a_tokenizer_that_has_one():
-    with pytest.raises(ValueError, match="CharTokenizer has none: use 'raw'"):
+    with pytest.raises(ValueError, match="CharTokenizer has none: use 'plain'"):
         HeldOutLossCallback(EXAMPLES, TOKENIZER, prompt_template="chat")

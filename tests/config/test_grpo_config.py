@@ -7,8 +7,10 @@ from omegaconf import OmegaConf
 from pydantic import ValidationError
 
 from nemo_quagmire.config.errors import format_validation_error
-from nemo_quagmire.config.grpo import CONF_DIR, GRPORunConfig, compose_run_config
+from nemo_quagmire.config.grpo import GRPORunConfig
 from nemo_quagmire.config.model import get_model_preset
+from nemo_quagmire.config.run import CONF_DIR
+from nemo_quagmire.trainer.entry import compose_run_config
 
 CONF = CONF_DIR
 RUNNABLE = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "grpo_base")

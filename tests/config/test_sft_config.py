@@ -10,8 +10,9 @@ from pydantic import ValidationError
 from nemo_quagmire.config.errors import format_validation_error
 from nemo_quagmire.config.grpo import GRPORunConfig
 from nemo_quagmire.config.model import get_model_preset
-from nemo_quagmire.config.sft import SFT_CONF_DIR, SFTRunConfig, compose_sft_config
+from nemo_quagmire.config.sft import SFT_CONF_DIR, SFTRunConfig
 from nemo_quagmire.plan.sft import plan_sft_run
+from nemo_quagmire.trainer.entry import compose_sft_config
 
 RUNNABLE = sorted(p.stem for p in SFT_CONF_DIR.glob("*.yaml") if p.stem != "sft_base")
 
@@ -45,7 +46,7 @@ def test_sft_base_holds_every_key_of_the_schema():
 
 def test_tiny_sft_checkpoints_fit_the_tiny_grpo_model():
     """`train_grpo.py checkpoint.load_from=<tiny SFT checkpoint>` needs the same architecture."""
-    from nemo_quagmire.config.grpo import compose_run_config
+    from nemo_quagmire.trainer.entry import compose_run_config
 
     sft, grpo = compose_sft_config("tiny").model, compose_run_config("tiny").model
     assert sft.architecture_mismatches(grpo) == {}
@@ -68,6 +69,15 @@ def test_command_line_overrides_reach_the_typed_config():
         ({"validation": {"max_new_tokens": None}}, "validation.max_new_tokens is unset"),
         ({"data": {"task": "jsonl", "train_file": "t.jsonl", "tokenizer": "tok"}}, "validation.heldout_file"),
         ({"data": {"prompt_template": "chat"}}, "needs an HF tokenizer"),
+        # "raw" was the SFT name of "plain" (one name now): the error names the value to use
+        (
+            {"data": {"prompt_template": "raw"}},
+            "data.prompt_template = 'raw': Input should be 'plain' or 'chat'",
+        ),
+        (
+            {"validation": {"heldout_prompt_template": "raw"}},
+            "validation.heldout_prompt_template = 'raw': Input should be 'plain' or 'chat'",
+        ),
         ({"parallel": {"data_parallel_size": 3}}, "global_batch_size=64 is not divisible"),
         ({"sft": {"epoch": 2}}, "sft.epoch: unknown key"),
     ],

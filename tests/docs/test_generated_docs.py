@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_quagmire.config.grpo import compose_run_config
-from nemo_quagmire.config.sft import compose_sft_config
+from nemo_quagmire.trainer.entry import compose_run_config, compose_sft_config
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE = REPO / "docs" / "config-reference.md"

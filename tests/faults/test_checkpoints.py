@@ -12,6 +12,8 @@ import logging
 import pytest
 import torch
 
+from nemo_quagmire.config.optim import OptimConfig
+from nemo_quagmire.config.parallel import ParallelConfig
 from nemo_quagmire.megatron import checkpoint as ckpt
 from nemo_quagmire.megatron.checkpoint import (
     CheckpointError,
@@ -21,8 +23,8 @@ from nemo_quagmire.megatron.checkpoint import (
     save_checkpoint,
 )
 from nemo_quagmire.megatron.model import build_model
-from nemo_quagmire.megatron.parallel import ParallelConfig, set_random_seed
-from nemo_quagmire.megatron.train_step import OptimConfig, setup_training
+from nemo_quagmire.megatron.parallel import set_random_seed
+from nemo_quagmire.megatron.train_step import setup_training
 from tests.faults.conftest import load_script, tree
 from tests.megatron.multiprocess_worker import MODEL, train
 

@@ -78,6 +78,10 @@ CASES = {
     "unknown appended key (pydantic)": (["+grpo.bogus=1"], ["grpo.bogus", "unknown key"]),
     "override grammar error (Hydra)": (["max_steps=["], ["no viable alternative"]),
     "run_dir is a file": (["run_dir={tmp}/random.bin"], ["run_dir", "is a file, not a directory"]),
+    "prompts per step over an explicit DP size": (
+        ["parallel.data_parallel_size=2", "grpo.prompts_per_step=3"],
+        ["grpo.prompts_per_step=3 is not divisible by the data-parallel size 2", "use a multiple of 2"],
+    ),
 }
 
 
@@ -147,4 +151,35 @@ def test_a_light_install_is_told_to_install_the_train_extra(script, tmp_path, mo
     err = capsys.readouterr().err
     assert "needs the [train] install (hydra, megatron.core missing here)" in err
     assert 'pip install -c constraints.txt -e ".[train]"' in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "override", "message"),
+    [
+        (
+            "train_grpo",
+            "grpo.prompts_per_step=3",
+            "grpo.prompts_per_step=3 is not divisible by the data-parallel",
+        ),
+        (
+            "train_sft",
+            "sft.global_batch_size=63",
+            "sft.global_batch_size=63 is not divisible by the data-parallel",
+        ),
+    ],
+)
+def test_a_batch_the_launched_data_parallel_ranks_cannot_share_exits_2_at_preflight(
+    tmp_path, capsys, monkeypatch, script, override, message
+):
+    """Two launched processes leave DP = 2 (data_parallel_size unset): preflight finds the odd batch before
+    the process group, where the trainers used to find it (GRPO: at the first step, after the warm-up)."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc-per-node 2 would set it
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    code = _train(script, tmp_path / "run", override)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and "use a multiple of 2" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()

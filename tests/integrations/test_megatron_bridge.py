@@ -27,6 +27,7 @@ import torch
 from nemo_quagmire.callbacks.heldout_loss import HeldOutLossCallback
 from nemo_quagmire.callbacks.passk import PassAtKCallback
 from nemo_quagmire.config.model import get_model_preset
+from nemo_quagmire.config.parallel import ParallelConfig
 from nemo_quagmire.data.batching import encode_example
 from nemo_quagmire.data.synthetic import BENCHMARK_NAME, SyntheticTaskConfig, generate_splits
 from nemo_quagmire.data.tokenizer import CharTokenizer
@@ -34,7 +35,6 @@ from nemo_quagmire.eval.benchmarks import Problem
 from nemo_quagmire.eval.samples import read_samples
 from nemo_quagmire.integrations.megatron_bridge import HeldOutLossBridgeCallback, PassAtKBridgeCallback
 from nemo_quagmire.integrations.megatron_policy import MegatronChunksPolicy
-from nemo_quagmire.megatron.parallel import ParallelConfig
 from nemo_quagmire.predict.runs import validation_records
 from nemo_quagmire.rollout.base import SamplingParams
 from tests.integrations.pass_at_k_reference import regraded_pass_at_k

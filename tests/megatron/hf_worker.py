@@ -99,10 +99,10 @@ def run_scenario(layout: str, variant: str, hf_dir: Path, inputs: dict[str, Any]
     """Import, log-probs, export and weight stream for one variant under the current parallel layout."""
     import torch.distributed as dist
 
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.hf import export_hf, iter_hf_weights, load_hf_weights, model_config_from_hf
     from nemo_quagmire.megatron.logprobs import compute_logprobs
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig
 
     cfg = model_config_from_hf(hf_dir)
     chunks = build_model(cfg, ParallelConfig(**LAYOUTS[layout]))
@@ -144,7 +144,8 @@ def main() -> None:
     import torch.distributed as dist
 
     from nemo_quagmire.config.model import get_model_preset
-    from nemo_quagmire.megatron.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+    from nemo_quagmire.config.parallel import ParallelConfig
+    from nemo_quagmire.megatron.parallel import destroy_parallel, initialize_parallel
 
     inputs = torch.load(args.inputs)
     results: dict[str, dict] = {}

@@ -19,7 +19,7 @@ import torch
 
 from nemo_quagmire.algorithms.losses import Metric
 from nemo_quagmire.config.model import get_model_preset
-from nemo_quagmire.megatron.train_step import OptimConfig
+from nemo_quagmire.config.optim import OptimConfig
 
 MODEL = get_model_preset("tiny")
 SEED = 1234
@@ -113,10 +113,11 @@ def _gathered_logprobs(model) -> list:
 def run(workdir: Path) -> dict:
     import torch.distributed as dist
 
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron import compat
     from nemo_quagmire.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+    from nemo_quagmire.megatron.parallel import destroy_parallel, initialize_parallel
     from nemo_quagmire.megatron.train_step import setup_training
 
     results: dict = {}

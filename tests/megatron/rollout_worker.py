@@ -44,10 +44,11 @@ def batch_to_json(batch: RolloutBatch) -> dict[str, list]:
 def run(hf_dir: Path) -> dict:
     import torch.distributed as dist
 
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.hf import load_hf_weights
     from nemo_quagmire.megatron.logprobs import compute_logprobs
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+    from nemo_quagmire.megatron.parallel import destroy_parallel, initialize_parallel
     from nemo_quagmire.megatron.rollout_engine import MegatronRolloutEngine
 
     tp2 = ParallelConfig(tensor_model_parallel_size=2)

@@ -14,8 +14,8 @@ ATOL = 1e-5  # float32 attention over <= 24 keys; the two compute the same sums 
 
 
 def _transformer_config(**overrides):
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.model import LayerSpecSelection, make_transformer_config
-    from nemo_quagmire.megatron.parallel import ParallelConfig
 
     model_cfg = TINY.model_copy(update=overrides)
     return make_transformer_config(model_cfg, ParallelConfig(), LayerSpecSelection("local", None), cuda=False)
@@ -134,9 +134,9 @@ def test_local_attention_modules_fall_back_where_sdpa_does_not_fit(megatron_worl
 
 
 def test_built_local_model_uses_both_modules(megatron_world1):
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.attention import RotatedKeyCacheSelfAttention, SDPACoreAttention
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig
 
     (model,) = build_model(TINY, ParallelConfig())
     layers = model.decoder.layers
@@ -172,9 +172,10 @@ def _cached_greedy_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tens
 def test_rotated_key_cache_generates_what_megatrons_cache_does(megatron_world1):
     from megatron.core.transformer.attention import SelfAttention
 
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.attention import RotatedKeyCacheSelfAttention
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig, set_random_seed
+    from nemo_quagmire.megatron.parallel import set_random_seed
 
     set_random_seed(7)
     (model,) = build_model(TINY, ParallelConfig())

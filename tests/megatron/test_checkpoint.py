@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nemo_quagmire.config.optim import OptimConfig
+from nemo_quagmire.config.parallel import ParallelConfig
 from nemo_quagmire.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nemo_quagmire.megatron.model import build_model
-from nemo_quagmire.megatron.parallel import ParallelConfig, set_random_seed
-from nemo_quagmire.megatron.train_step import OptimConfig, setup_training
+from nemo_quagmire.megatron.parallel import set_random_seed
+from nemo_quagmire.megatron.train_step import setup_training
 from tests.megatron.multiprocess_worker import MODEL, train
 
 

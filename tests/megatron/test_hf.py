@@ -344,9 +344,9 @@ def test_sharded_save_loads_in_transformers(checkpoints: Path, tmp_path: Path):
 def test_tp1_logprobs_match_transformers_and_export_roundtrips(
     megatron_world1, checkpoints: Path, reference: dict, tmp_path: Path, variant: str
 ):
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.logprobs import compute_logprobs
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig
 
     source = checkpoints / variant
     cfg = hf.model_config_from_hf(source)
@@ -368,8 +368,8 @@ def test_tp1_logprobs_match_transformers_and_export_roundtrips(
 
 
 def test_loading_into_a_model_of_another_shape_names_the_parameter(megatron_world1, checkpoints: Path):
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig
 
     cfg = hf.model_config_from_hf(checkpoints / "llama")
     chunks = build_model(cfg.replace(ffn_hidden_size=128), ParallelConfig())

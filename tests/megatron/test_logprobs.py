@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from nemo_quagmire.config.model import get_model_preset
+from nemo_quagmire.config.parallel import ParallelConfig
 from nemo_quagmire.megatron.logprobs import compute_logprobs, forward_logits, token_logprobs_from_logits
 from nemo_quagmire.megatron.model import build_model
-from nemo_quagmire.megatron.parallel import ParallelConfig
 
 TINY = get_model_preset("tiny")
 

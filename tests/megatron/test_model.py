@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nemo_quagmire.config.model import count_parameters, get_model_preset
+from nemo_quagmire.config.parallel import ParallelConfig
 from nemo_quagmire.megatron.model import (
     LayerSpecSelection,
     build_model,
@@ -13,7 +14,6 @@ from nemo_quagmire.megatron.model import (
     make_transformer_config,
     select_layer_spec_and_fp8,
 )
-from nemo_quagmire.megatron.parallel import ParallelConfig
 
 BF16_TINY = get_model_preset("tiny").replace(params_dtype="bf16")
 
@@ -153,7 +153,8 @@ def test_fp8_training_step_on_gpu(megatron_world1):
     """Real FP8 (delayed scaling) forward/backward/optimizer step with Transformer Engine on an FP8 GPU."""
     if detect_transformer_engine() is None or torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs Transformer Engine and an FP8-capable GPU (compute capability >= 8.9)")
-    from nemo_quagmire.megatron.train_step import OptimConfig, setup_training, train_step
+    from nemo_quagmire.config.optim import OptimConfig
+    from nemo_quagmire.megatron.train_step import setup_training, train_step
 
     cfg = BF16_TINY.replace(fp8="delayed", ffn_hidden_size=352)  # FP8 GEMMs need multiples of 16
     trainer = setup_training(build_model(cfg, ParallelConfig()), OptimConfig(lr=1e-4))

@@ -26,9 +26,10 @@ TRAIN_RTOL = 1e-5  # losses and grad norms over three Adam steps at lr 1e-3
 @pytest.fixture(scope="module")
 def runs(megatron_world1, tmp_path_factory) -> dict:
     """The worker's results plus the TP=1 reference and a TP=1 load of the worker's TP=2 checkpoint."""
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.checkpoint import latest_checkpoint, load_checkpoint
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig, set_random_seed
+    from nemo_quagmire.megatron.parallel import set_random_seed
     from nemo_quagmire.megatron.train_step import setup_training
 
     workdir = tmp_path_factory.mktemp("multiprocess")

@@ -6,7 +6,8 @@ import pydantic
 import pytest
 
 from nemo_quagmire.config.model import get_model_preset
-from nemo_quagmire.megatron.parallel import Layout, ParallelConfig, validate_layout
+from nemo_quagmire.config.parallel import ParallelConfig
+from nemo_quagmire.megatron.parallel import Layout, validate_layout
 
 TINY = get_model_preset("tiny")  # 4 layers, 4 heads, 2 query groups, ffn 344, vocab 100
 

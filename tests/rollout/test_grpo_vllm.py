@@ -31,10 +31,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_quagmire.config.grpo import GRPORunConfig, compose_run_config
+from nemo_quagmire.config.grpo import GRPORunConfig
 from nemo_quagmire.eval.samples import read_samples
 from nemo_quagmire.rollout.base import SamplingParams
 from nemo_quagmire.trainer.callbacks import Callback, PolicyHandle
+from nemo_quagmire.trainer.entry import compose_run_config
 from nemo_quagmire.trainer.grpo import GRPOTrainer
 from nemo_quagmire.trainer.metrics import read_metrics
 

@@ -281,10 +281,10 @@ def test_megatron_policy_weights_pushed_through_iter_hf_weights(
 ):
     """The production path: a Megatron policy (here with fresh random weights, as after training) streams
     itself into vLLM; vLLM's log-probs of what it then samples equal the policy's own."""
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.hf import iter_hf_weights, model_config_from_hf
     from nemo_quagmire.megatron.logprobs import compute_logprobs
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig
 
     engine = restores_old_weights
     cfg = model_config_from_hf(models["old"][0])

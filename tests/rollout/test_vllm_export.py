@@ -23,12 +23,16 @@ def test_vllm_serves_an_export_with_its_tokenizer_and_chat_template(
 ):
     from vllm.tokenizers import get_tokenizer
 
-    from nemo_quagmire.config.source import load_tokenizer, read_checkpoint_source, write_model_dir
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.hf import export_hf
     from nemo_quagmire.megatron.logprobs import compute_logprobs
-    from nemo_quagmire.megatron.parallel import ParallelConfig
     from nemo_quagmire.megatron.policy import MegatronPolicy
     from nemo_quagmire.rollout.vllm_engine import VLLMRolloutEngine
+    from nemo_quagmire.trainer.checkpoint_source import (
+        load_tokenizer,
+        read_checkpoint_source,
+        write_model_dir,
+    )
 
     source = read_checkpoint_source(tiny_chat_model)
     policy = MegatronPolicy(source.model, ParallelConfig(), seed=0)

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from nemo_quagmire.callbacks.heldout_loss import HeldOutLossCallback
-from nemo_quagmire.config.model import get_model_preset
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig, generate_splits
 from nemo_quagmire.data.tokenizer import CharTokenizer
 from nemo_quagmire.eval.samples import read_samples
+from tests.tiny_model import TEST_MODEL as MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "evaluate.py"
@@ -29,7 +29,6 @@ evaluate = importlib.util.module_from_spec(_spec)
 sys.modules["evaluate"] = evaluate  # its dataclasses look their module up
 _spec.loader.exec_module(evaluate)
 
-MODEL = get_model_preset("tiny").replace(vocab_size=28, max_position_embeddings=128, num_layers=2)
 HELDOUT = generate_splits(
     SyntheticTaskConfig(), seed=1234, num_sft=0, num_rl=0, num_heldout=8
 ).heldout_records()
@@ -39,9 +38,9 @@ HELDOUT = generate_splits(
 def checkpoint(tmp_path_factory, megatron_world1) -> tuple[Path, float]:
     """A step-5 checkpoint in a run dir holding its tokenizer (and an HF export of the same weights in
     `<run_dir>/hf`), and its held-out loss computed in-process."""
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.checkpoint import save_checkpoint
     from nemo_quagmire.megatron.hf import export_hf
-    from nemo_quagmire.megatron.parallel import ParallelConfig
     from nemo_quagmire.megatron.policy import MegatronPolicy
 
     run_dir = tmp_path_factory.mktemp("run")
@@ -287,9 +286,10 @@ sys.modules[module.__name__] = module
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, megatron_world1) -> list[Path]:
     """Two checkpoints (steps 5 and 7, different weights) of one run holding its tokenizer."""
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.checkpoint import save_checkpoint
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig, set_random_seed
+    from nemo_quagmire.megatron.parallel import set_random_seed
 
     run_dir = tmp_path_factory.mktemp("sweep") / "sft-a"
     CharTokenizer().save(run_dir)

@@ -93,10 +93,14 @@ def _finish(process: subprocess.Popen, expected_code: int = 0) -> tuple[str, str
 def _import_as_checkpoint(hf_dir: Path, run_dir: Path) -> Path:
     """import(x): what a run does with checkpoint.load_from=hf_dir (MegatronPolicy.load_weights, its model
     dir), saved as a step-0 checkpoint without any training in between."""
-    from nemo_quagmire.config.source import load_tokenizer, read_checkpoint_source, write_model_dir
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.checkpoint import save_checkpoint
-    from nemo_quagmire.megatron.parallel import ParallelConfig
     from nemo_quagmire.megatron.policy import MegatronPolicy
+    from nemo_quagmire.trainer.checkpoint_source import (
+        load_tokenizer,
+        read_checkpoint_source,
+        write_model_dir,
+    )
 
     model_cfg = read_checkpoint_source(hf_dir).model
     policy = MegatronPolicy(model_cfg, ParallelConfig(), seed=0)
@@ -106,10 +110,10 @@ def _import_as_checkpoint(hf_dir: Path, run_dir: Path) -> Path:
 
 
 def _load(checkpoint: Path) -> list[torch.nn.Module]:
-    from nemo_quagmire.config.source import read_checkpoint_source
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.checkpoint import load_checkpoint
     from nemo_quagmire.megatron.model import build_model
-    from nemo_quagmire.megatron.parallel import ParallelConfig
+    from nemo_quagmire.trainer.checkpoint_source import read_checkpoint_source
 
     model_cfg = read_checkpoint_source(checkpoint).model
     model = build_model(model_cfg, ParallelConfig())
@@ -146,9 +150,9 @@ def test_hf_checkpoints_train_evaluate_and_export_through_the_scripts(
 ):
     from transformers import AutoTokenizer
 
-    from nemo_quagmire.config.sft import compose_sft_config
     from nemo_quagmire.megatron.hf import export_hf
     from nemo_quagmire.trainer.build import build_sft_trainer
+    from nemo_quagmire.trainer.entry import compose_sft_config
 
     hf_dir = tiny_chat_model
     heldout = tmp_path / "heldout.jsonl"
@@ -228,7 +232,7 @@ def test_hf_checkpoints_train_evaluate_and_export_through_the_scripts(
     assert exported_tokenizer.apply_chat_template(messages, **template) == expected_prompt
 
     # A trained checkpoint, exported as export_hf.py does, loads in transformers with our model's log-probs.
-    from nemo_quagmire.config.source import read_checkpoint_source
+    from nemo_quagmire.trainer.checkpoint_source import read_checkpoint_source
 
     export_sft = tmp_path / "export-sft"
     model = _load(sft_checkpoint)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from nemo_quagmire.config.grpo import GRPORunConfig, compose_run_config
+from nemo_quagmire.config.grpo import GRPORunConfig
 from nemo_quagmire.plan.grpo import plan_grpo_run
+from nemo_quagmire.trainer.entry import compose_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "train_grpo.py"

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from nemo_quagmire.config.errors import validate_config
-from nemo_quagmire.config.sft import SFTRunConfig, compose_sft_config
+from nemo_quagmire.config.sft import SFTRunConfig
 from nemo_quagmire.plan.sft import plan_sft_run
 from nemo_quagmire.trainer.build import build_sft_trainer
-from nemo_quagmire.trainer.entry import plan_or_train
+from nemo_quagmire.trainer.entry import compose_sft_config, plan_or_train
 from nemo_quagmire.utils.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from nemo_quagmire.config.grpo import compose_run_config
-from nemo_quagmire.config.sft import compose_sft_config
 from nemo_quagmire.data.synthetic import generate_splits
 from nemo_quagmire.study.plan import STUDY_CONF_DIR, StudyConfig, load_study_config, plan_jobs
+from nemo_quagmire.trainer.entry import compose_run_config, compose_sft_config
 
 PLANS = sorted(p.name for p in STUDY_CONF_DIR.glob("*.yaml"))
 

@@ -14,6 +14,7 @@ from nemo_quagmire.trainer.build import build_grpo_trainer
 from nemo_quagmire.trainer.callbacks import Callback
 from nemo_quagmire.trainer.metrics import read_metrics
 from nemo_quagmire.trainer.run import NonFiniteLossError
+from tests.tiny_model import TEST_MODEL_SECTION
 
 
 def tiny_run(run_dir, **sections) -> GRPORunConfig:
@@ -21,7 +22,7 @@ def tiny_run(run_dir, **sections) -> GRPORunConfig:
     config = {
         "run_dir": str(run_dir),
         "max_steps": 2,
-        "model": {"preset": "tiny", "vocab_size": 28, "max_position_embeddings": 128, "num_layers": 2},
+        "model": TEST_MODEL_SECTION,
         "optim": {"lr": 5e-5, "use_distributed_optimizer": False},
         "grpo": {"prompts_per_step": 4, "group_size": 4, "micro_batch_size": 16},
         "rollout": {"max_new_tokens": 24, "max_prompt_tokens": 16},

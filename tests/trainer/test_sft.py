@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_quagmire.config.model import get_model_preset
 from nemo_quagmire.config.sft import SFTRunConfig
 from nemo_quagmire.data.batching import EncodedExample, encode_example
 from nemo_quagmire.data.synthetic import SyntheticTaskConfig, generate_splits
@@ -19,6 +18,7 @@ from nemo_quagmire.eval.samples import read_samples
 from nemo_quagmire.trainer.build import build_grpo_trainer, build_sft_trainer
 from nemo_quagmire.trainer.metrics import read_metrics
 from nemo_quagmire.trainer.sft import sft_step
+from tests.tiny_model import TEST_MODEL, TEST_MODEL_SECTION
 from tests.trainer.test_grpo import Recorder, tiny_run
 
 METRICS_DOC = Path(__file__).resolve().parents[2] / "nemo_quagmire" / "METRICS.md"
@@ -29,7 +29,7 @@ def sft_run(run_dir, **sections) -> SFTRunConfig:
     """4 steps of 16 examples on 2 layers, validating and checkpointing every 2 steps."""
     config = {
         "run_dir": str(run_dir),
-        "model": {"preset": "tiny", "vocab_size": 28, "max_position_embeddings": 128, "num_layers": 2},
+        "model": TEST_MODEL_SECTION,
         "optim": {"lr": 2e-3, "weight_decay": 0.0, "use_distributed_optimizer": False},
         "sft": {"global_batch_size": 16, "micro_batch_size": 8, "epochs": 1, "seq_length": 128},
         "data": {"num_sft": 64, "num_heldout": 8},
@@ -166,12 +166,11 @@ def examples() -> list[EncodedExample]:
 
 
 def _step(examples, packing, drop_segments=False):
-    from nemo_quagmire.megatron.parallel import ParallelConfig
+    from nemo_quagmire.config.optim import OptimConfig
+    from nemo_quagmire.config.parallel import ParallelConfig
     from nemo_quagmire.megatron.policy import MegatronPolicy
-    from nemo_quagmire.megatron.train_step import OptimConfig
 
-    model_cfg = get_model_preset("tiny").replace(vocab_size=28, max_position_embeddings=128, num_layers=2)
-    policy = MegatronPolicy(model_cfg, ParallelConfig(), seed=1234)  # the same initial weights every time
+    policy = MegatronPolicy(TEST_MODEL, ParallelConfig(), seed=1234)  # the same initial weights every time
     # A clip norm that never clips: grad_norm is reported, the gradient left as it is.
     policy.attach_optimizer(OptimConfig(lr=1e-3, clip_grad=1e9))
     if drop_segments:  # what packing without the attention mask would compute

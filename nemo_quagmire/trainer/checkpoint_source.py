@@ -20,7 +20,11 @@ own, a user would restate the shape by hand (``+model.*`` overrides, compared ex
   tokenizer) — an HF directory without weights.
 
 Errors are :class:`CheckpointSourceError` (a ``ValueError``): the entry points turn them into exit code 2
-before any process group starts. No process group, no megatron import: safe in any process.
+before any process group starts. No process group, no megatron-core import: safe in any process.
+
+It is a step of a run's start-up, not a schema: it reads checkpoint directories (through
+``nemo_quagmire.megatron.checkpoint`` and ``megatron.hf``) and writes the run's model directory, so it lives
+with the trainer's entry code; ``nemo_quagmire.config`` stays pure schemas that import nothing above them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""config.source: a run's model, tokenizer and HF config come from `checkpoint.load_from`, resolved at config
-time; explicit `model.*` keys are checked against it (floats within a tolerance); every run dir keeps an HF
-description of its model (`<run_dir>/model`)."""
+"""trainer.checkpoint_source: a run's model, tokenizer and HF config come from `checkpoint.load_from`,
+resolved at config time; explicit `model.*` keys are checked against it (floats within a tolerance); every
+run dir keeps an HF description of its model (`<run_dir>/model`)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from nemo_quagmire.config.grpo import compose_run_config
 from nemo_quagmire.config.model import get_model_preset
-from nemo_quagmire.config.sft import compose_sft_config
-from nemo_quagmire.config.source import (
+from nemo_quagmire.data.tokenizer import CharTokenizer
+from nemo_quagmire.megatron.hf import model_config_from_hf
+from nemo_quagmire.trainer.checkpoint_source import (
     MODEL_DIR,
     CheckpointSourceError,
     explicit_model_keys,
@@ -22,8 +22,7 @@ from nemo_quagmire.config.source import (
     resolve_run_config,
     write_model_dir,
 )
-from nemo_quagmire.data.tokenizer import CharTokenizer
-from nemo_quagmire.megatron.hf import model_config_from_hf
+from nemo_quagmire.trainer.entry import compose_run_config, compose_sft_config
 from tests.checkpoint_meta import write_checkpoint_meta
 from tests.hf_models import RMS_NORM_EPS_FLOAT32
 
