@@ -10,6 +10,17 @@ from nemo_quagmire.utils.errors import InputError
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
+# Keys that moved: an old config or command line is told the new name.
+RENAMED_KEYS = {
+    "sft_warmup.lr": "sft_warmup.optim.lr",
+    "grpo.max_consecutive_nonfinite": "optim.max_consecutive_nonfinite",
+}
+
+
+def renamed_key_hint(key: str) -> str:
+    """ " (renamed: use <new key>)" for a key that moved, else ""."""
+    return f" (renamed: use {RENAMED_KEYS[key]})" if key in RENAMED_KEYS else ""
+
 
 def format_validation_error(error: ValidationError, source: str = "config") -> str:
     """One line per problem: `<source>: <dotted.key> = <value>: <message>`."""
@@ -19,6 +30,7 @@ def format_validation_error(error: ValidationError, source: str = "config") -> s
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key (check its spelling against conf/ or the schema in nemo_quagmire/config/)"
+            message += renamed_key_hint(key)
         value = item.get("input")
         shown = (
             ""

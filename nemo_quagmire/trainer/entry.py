@@ -84,7 +84,16 @@ def hydra_entry(
         sys.stderr = console
         if not started:
             console.write(_without_traceback(held.getvalue()))
+            console.write(_renamed_keys_named(held.getvalue()))
     return exit_code[0] if exit_code else 0  # no task run: --help, --cfg
+
+
+def _renamed_keys_named(text: str) -> str:
+    """For Hydra's "full_key: <key>" lines naming a key that moved, a line with its new name."""
+    from nemo_quagmire.config.errors import RENAMED_KEYS
+
+    keys = [line.split("full_key:", 1)[1].strip() for line in text.splitlines() if "full_key:" in line]
+    return "".join(f"{key} was renamed: use {RENAMED_KEYS[key]}\n" for key in keys if key in RENAMED_KEYS)
 
 
 def _without_traceback(text: str) -> str:

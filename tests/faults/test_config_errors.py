@@ -76,6 +76,14 @@ CASES = {
     ),
     "unknown key (Hydra)": (["grpo.bogus=1"], ["Could not override 'grpo.bogus'"]),
     "unknown appended key (pydantic)": (["+grpo.bogus=1"], ["grpo.bogus", "unknown key"]),
+    "renamed key (Hydra)": (
+        ["sft_warmup.lr=1e-3"],
+        ["Could not override 'sft_warmup.lr'", "sft_warmup.lr was renamed: use sft_warmup.optim.lr"],
+    ),
+    "renamed key (pydantic)": (
+        ["+grpo.max_consecutive_nonfinite=2"],
+        ["grpo.max_consecutive_nonfinite: unknown key", "renamed: use optim.max_consecutive_nonfinite"],
+    ),
     "override grammar error (Hydra)": (["max_steps=["], ["no viable alternative"]),
     "run_dir is a file": (["run_dir={tmp}/random.bin"], ["run_dir", "is a file, not a directory"]),
     "prompts per step over an explicit DP size": (
