@@ -321,7 +321,7 @@ def measure_ours(init_dir: Path, threads: int, clock: StepClock, micro_batch_siz
         with parallel_context(cfg.model, cfg.parallel, seed=SEED):
             trainer = GRPOTrainer(cfg, prompts=prompts, tokenizer=tokenizer, callbacks=[ClockCallback()])
             trainer.fit()
-            parameters = sum(p.numel() for p in trainer.trainer.model[0].parameters())
+            parameters = sum(p.numel() for p in trainer.policy.modules()[0].parameters())
     info = {
         "torch": torch.__version__,
         "parameters": parameters,
