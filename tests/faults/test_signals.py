@@ -89,3 +89,49 @@ def test_ctrl_c_exits_130_without_a_traceback_or_leftover_processes(tmp_path):
             return  # the whole group is gone (grader workers included)
         time.sleep(0.2)
     pytest.fail("processes of the interrupted run are still alive")
+
+
+WARMUP_STEPS = 200
+GRPO_RUN = [
+    "+model.num_layers=2",
+    "max_steps=1",
+    f"sft_warmup.steps={WARMUP_STEPS}",
+    "sft_warmup.batch_size=8",
+    "grpo.prompts_per_step=2",
+    "grpo.group_size=2",
+    "grpo.micro_batch_size=8",
+    "rollout.max_new_tokens=8",
+    "data.num_sft=2048",
+    "data.num_rl=8",
+    "data.num_heldout=4",
+    "validation.interval=1000",
+    "validation.num_problems=2",
+    "validation.num_samples=1",
+    "logging.tensorboard=false",
+    "logging.progress_bar=false",
+]
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_grpo_warm_up_checkpoints_it_and_the_same_command_resumes_it(tmp_path):
+    """The SFT warm-up is an SFT run of its own: pre-empted, it keeps its steps like any run."""
+    run_dir = tmp_path / "run"
+    warmup_dir = run_dir / "sft_warmup"
+    args = [*GRPO_RUN, f"run_dir={run_dir}"]
+    process = launch("train_grpo", args)
+    _wait_for_a_step(process, warmup_dir)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err[-3000:]
+    stopped_at = _trained_steps(warmup_dir)[-1]
+    assert stopped_at < WARMUP_STEPS and "Traceback" not in err
+    checkpoint = warmup_dir / "checkpoints" / f"step_{stopped_at:08d}"
+    assert f"SIGTERM: stopped after step {stopped_at} of {WARMUP_STEPS} with checkpoint {checkpoint}" in err
+    assert not (run_dir / "checkpoints").exists()  # GRPO itself never started
+
+    resumed = launch("train_grpo", args)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resumed from {checkpoint} (step {stopped_at})" in err
+    assert _trained_steps(warmup_dir) == list(range(1, WARMUP_STEPS + 1))  # no warm-up step lost or repeated
+    assert (run_dir / "checkpoints" / "step_00000001").is_dir()
