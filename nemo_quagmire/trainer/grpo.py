@@ -48,7 +48,7 @@ from nemo_quagmire.rewards.reward import math_reward
 from nemo_quagmire.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from nemo_quagmire.trainer.callbacks import Callback, Tokenizer
 from nemo_quagmire.trainer.metrics import StageTimer
-from nemo_quagmire.trainer.run import CHECKPOINT_SUBDIR, RunLoop, StepResult, update_skipped
+from nemo_quagmire.trainer.run import RunLoop, StepResult, update_skipped
 from nemo_quagmire.trainer.sft import SFTTrainer
 from nemo_quagmire.utils.logging import get_logger
 
@@ -74,6 +74,9 @@ class GRPOTrainer(RunLoop):
         sft_examples: `{"prompt", "response"}` pairs for the SFT warm-up (used when
             `cfg.sft_warmup.steps > 0` and no warm-up checkpoint exists yet).
         callbacks: validation and monitoring hooks.
+
+    Raises:
+        ValueError: no prompts; a warm-up without SFT examples or with fewer than one batch of them.
     """
 
     def __init__(
@@ -90,8 +93,12 @@ class GRPOTrainer(RunLoop):
         super().__init__(cfg, tokenizer=tokenizer, callbacks=callbacks, max_steps=cfg.max_steps)
         self.cfg: GRPORunConfig = cfg
         self.prompts = list(prompts)
-        self.sft_examples = list(sft_examples)
         self.policy_loss = policy_loss_from_config(cfg.grpo)
+        self.warmup: SFTTrainer | None = None  # built here, so that its data checks run before any model
+        if cfg.sft_warmup.steps > 0:
+            if not sft_examples:
+                raise ValueError("sft_warmup.steps > 0 but there are no SFT examples (data.num_sft)")
+            self.warmup = SFTTrainer(cfg.sft_warmup_run(), examples=sft_examples, tokenizer=tokenizer)
 
     # ------------------------------------------------------------------ set-up (RunLoop hooks)
     def _after_setup(self) -> None:
@@ -121,18 +128,16 @@ class GRPOTrainer(RunLoop):
     def _initial_weights(self, policy: MegatronPolicy) -> None:
         """SFT warm-up result, `checkpoint.load_from`, or the random initialisation (in that order)."""
         super()._initial_weights(policy)
-        if self.cfg.sft_warmup.steps > 0:
-            policy.load_weights(self._sft_warmup())
+        if self.warmup is not None:
+            policy.load_weights(self._sft_warmup(self.warmup))
 
-    def _sft_warmup(self) -> Path:
-        """The SFT warm-up: an `SFTTrainer` run in `<run_dir>/sft_warmup` (`GRPORunConfig.sft_warmup_run`),
-        from the same initial weights; resumed like any run, so a finished warm-up is reused. Returns its
-        final checkpoint."""
-        if not self.sft_examples:
-            raise ValueError("sft_warmup.steps > 0 but there are no SFT examples (data.num_sft)")
-        warmup = self.cfg.sft_warmup_run()
-        SFTTrainer(warmup, examples=self.sft_examples, tokenizer=self.tokenizer).fit()
-        done = latest_checkpoint(Path(warmup.run_dir) / CHECKPOINT_SUBDIR)
+    @staticmethod
+    def _sft_warmup(warmup: SFTTrainer) -> Path:
+        """The SFT warm-up: an SFT run in `<run_dir>/sft_warmup` (`GRPORunConfig.sft_warmup_run`) from the
+        same initial weights, resumed like any run, so a finished warm-up is reused. Returns its final
+        checkpoint."""
+        warmup.fit()
+        done = latest_checkpoint(warmup.checkpoint_dir)
         assert done is not None, "the SFT warm-up saves a checkpoint at its last step"
         return done
 

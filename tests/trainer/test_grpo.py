@@ -228,3 +228,11 @@ def test_minibatch_updates_average_their_means_and_max_their_maxima(tmp_path, me
     assert metrics["train/ratio_max"] == second["ratio_max"]  # the step's max, not a sum or a mean
     for name in ("approx_kl", "ratio_mean", "entropy", "clip_frac_high", "loss", "num_tokens"):
         assert metrics[f"train/{name}"] == (first[name] + second[name]) / 2, name
+
+
+def test_a_warm_up_with_too_few_examples_is_refused_when_the_trainer_is_built(tmp_path):
+    """Before any model exists: the warm-up's SFT trainer checks its examples in the GRPO trainer's build."""
+    cfg = tiny_run(tmp_path, sft_warmup={"steps": 2, "batch_size": 128})  # data.num_sft is 64
+    with pytest.raises(ValueError, match="64 usable SFT examples are fewer than one global batch"):
+        build_grpo_trainer(cfg)
+    assert not (tmp_path / "sft_warmup").exists()
