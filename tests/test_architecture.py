@@ -160,6 +160,28 @@ def test_only_the_megatron_package_imports_megatron():
     assert not offenders, "megatron.core imported outside nemo_quagmire/megatron:\n" + "\n".join(offenders)
 
 
+# Entry-side modules import the engine inside functions on purpose: a bad input fails before the heavy import.
+LAZY_ENGINE_ON_PURPOSE = {"trainer/entry.py", "trainer/preflight.py", "trainer/checkpoint_source.py"}
+
+
+def test_the_loops_reach_the_engine_through_the_policy_adapter_imported_at_the_top():
+    """trainer/'s loops import nemo_quagmire.megatron at module level (the MegatronPolicy adapter and the
+    data-parallel helpers), never inside a function: no hidden engine calls in the orchestration."""
+    offenders = []
+    for path in _files("trainer"):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel in LAZY_ENGINE_ON_PURPOSE:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                    ("nemo_quagmire.megatron", "megatron")
+                ):
+                    offenders.append(f"{rel}:{node.lineno}: {node.module}")
+    assert not offenders, "function-local engine imports in the loops:\n" + "\n".join(offenders)
+
+
 def test_framework_imports_are_lazy_in_core_packages():
     """No module outside the adapters imports a GPU-only or heavy framework at module top level."""
     adapters = {"megatron", "integrations", "rollout"}
