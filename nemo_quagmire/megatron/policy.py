@@ -80,7 +80,7 @@ class MegatronPolicy:
 
     def copy_weights_from(self, other: MegatronPolicy) -> None:
         """Take `other`'s weights (same architecture and layout)."""
-        for target, source in zip(self.chunks, other.modules(), strict=True):
+        for target, source in zip(self.modules(), other.modules(), strict=True):
             target.load_state_dict(source.state_dict())
 
     def freeze(self) -> MegatronPolicy:

@@ -267,21 +267,21 @@ class RunLoop:
         return metrics
 
     def _guard_nonfinite(self, result: StepResult) -> None:
-        if result.skipped_updates == 0:
-            if result.updates:
-                self.nonfinite_in_a_row = 0
+        """Count the steps in a row whose updates were all skipped; stop the run at the limit."""
+        if result.updates == 0:  # nothing to train on (e.g. equal rewards): neither a failure nor a success
             return
+        all_skipped = result.skipped_updates == result.updates
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if all_skipped else 0
+        if result.skipped_updates:
+            logger.warning(
+                "step %d: non-finite loss or gradient in %d of %d updates, skipped (%d steps in a row "
+                "without an applied update)",
+                self.step,
+                result.skipped_updates,
+                result.updates,
+                self.nonfinite_in_a_row,
+            )
         limit = self.cfg.optim.max_consecutive_nonfinite
-        if result.skipped_updates == result.updates:
-            self.nonfinite_in_a_row += 1
-        logger.warning(
-            "step %d: non-finite loss or gradient in %d of %d updates, skipped (%d steps in a row without "
-            "an applied update)",
-            self.step,
-            result.skipped_updates,
-            result.updates,
-            self.nonfinite_in_a_row,
-        )
         if self.nonfinite_in_a_row >= limit:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_a_row} steps in a row had a NaN/Inf loss or gradient (limit "
