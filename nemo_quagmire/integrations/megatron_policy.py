@@ -16,15 +16,16 @@ uses, so the held-out loss stays comparable with the run's validation loss.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from nemo_quagmire.rollout.base import RolloutBatch, SamplingParams
 from nemo_quagmire.trainer.callbacks import PolicyHandle, Tokenizer
+from nemo_quagmire.utils.distributed import all_gather_objects, all_reduce_sum, group_rank_and_size
 
 __all__ = ["MegatronChunksPolicy", "model_config_of", "policy_handle"]
 
@@ -39,35 +40,16 @@ def policy_handle(
     group: Any = None,
 ) -> PolicyHandle:
     """A `PolicyHandle` whose reductions run over `group` (None: the whole world, as under DDP; no process
-    group at all: one rank). Sums of CPU tensors go through the device under NCCL."""
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank(group) if distributed else 0
-    size = dist.get_world_size(group) if distributed else 1
-
-    def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-        result = tensor.clone()
-        if size > 1:
-            on_gpu = dist.get_backend(group) == "nccl" and result.device.type == "cpu"
-            reduced = result.cuda() if on_gpu else result
-            dist.all_reduce(reduced, group=group)
-            result = reduced.to(tensor.device)
-        return result
-
-    def all_gather_objects(obj: Any) -> list[Any]:
-        if size == 1:
-            return [obj]
-        gathered: list[Any] = [None] * size
-        dist.all_gather_object(gathered, obj, group=group)
-        return gathered
-
+    group at all: one rank), through `utils.distributed` as our own trainers' handles do."""
+    rank, size = group_rank_and_size(group)
     return PolicyHandle(
         step=step,
         run_dir=Path(run_dir),
         tokenizer=tokenizer,
         logprobs=logprobs,
         generate=generate,
-        all_reduce_sum=all_reduce_sum,
-        all_gather_objects=all_gather_objects,
+        all_reduce_sum=functools.partial(all_reduce_sum, group=group),
+        all_gather_objects=functools.partial(all_gather_objects, group=group),
         data_parallel_rank=rank,
         data_parallel_size=size,
     )

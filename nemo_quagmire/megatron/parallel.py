@@ -17,7 +17,7 @@ import random
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ import torch.distributed as dist
 from nemo_quagmire.config.model import ModelConfig
 from nemo_quagmire.config.parallel import ParallelConfig, model_split_problems
 from nemo_quagmire.megatron import compat
+from nemo_quagmire.utils.distributed import all_gather_objects, all_reduce_sum
 from nemo_quagmire.utils.logging import get_logger
 
 __all__ = [
@@ -231,27 +232,20 @@ def data_parallel_rank_and_size() -> tuple[int, int]:
     return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
 
-def all_reduce_sum_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of ``tensor`` summed over data-parallel ranks (identity with one rank), on ``tensor``'s device
-    (NCCL reduces on the GPU, so a CPU tensor makes the round trip there)."""
+def _data_parallel_group() -> Any:
+    """Megatron's data-parallel group, or None before parallel start-up (then one rank: nothing to reduce)."""
     from megatron.core import parallel_state as ps
 
-    result = tensor.clone()
-    if ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size() > 1:
-        group = ps.get_data_parallel_group()
-        on_gpu = dist.get_backend(group) == "nccl" and result.device.type == "cpu"
-        reduced = result.cuda() if on_gpu else result
-        dist.all_reduce(reduced, group=group)
-        result = reduced.to(tensor.device) if on_gpu else reduced
-    return result
+    return ps.get_data_parallel_group() if ps.model_parallel_is_initialized() else None
+
+
+def all_reduce_sum_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` summed over data-parallel ranks (a plain copy with one rank)."""
+    group = _data_parallel_group()
+    return all_reduce_sum(tensor, group) if group is not None else tensor.clone()
 
 
 def all_gather_objects_data_parallel(obj: object) -> list[object]:
     """Every data-parallel rank's picklable ``obj``, in rank order (``[obj]`` with one rank)."""
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized() or ps.get_data_parallel_world_size() == 1:
-        return [obj]
-    gathered: list[object] = [None] * ps.get_data_parallel_world_size()
-    dist.all_gather_object(gathered, obj, group=ps.get_data_parallel_group())
-    return gathered
+    group = _data_parallel_group()
+    return all_gather_objects(obj, group) if group is not None else [obj]
