@@ -50,26 +50,37 @@ def _wait_for_a_step(process, run_dir: Path) -> None:
     pytest.fail("the run never finished a step")
 
 
-@pytest.mark.slow
-def test_sigterm_checkpoints_after_the_current_step_and_the_same_command_resumes(tmp_path):
-    run_dir = tmp_path / "run"
-    args = [*RUN, f"run_dir={run_dir}"]
-    process = launch("train_sft", args)
-    _wait_for_a_step(process, run_dir)
+def _preempt_and_resume(script: str, args: list[str], steps_dir: Path, steps: int, between=None) -> None:
+    """SIGTERM once the run in `steps_dir` has a step: exit 143 naming the checkpoint saved after the current
+    step; `between(checkpoint)` checks the stopped state; the same command resumes from that checkpoint and
+    trains every step exactly once."""
+    process = launch(script, args)
+    _wait_for_a_step(process, steps_dir)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 143, err[-3000:]
-    stopped_at = _trained_steps(run_dir)[-1]
-    assert stopped_at < MAX_STEPS and "Traceback" not in err
-    checkpoint = run_dir / "checkpoints" / f"step_{stopped_at:08d}"
-    assert f"SIGTERM: stopped after step {stopped_at} of {MAX_STEPS} with checkpoint {checkpoint}" in err
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [checkpoint.name]
+    stopped_at = _trained_steps(steps_dir)[-1]
+    assert stopped_at < steps and "Traceback" not in err
+    checkpoint = steps_dir / "checkpoints" / f"step_{stopped_at:08d}"
+    assert f"SIGTERM: stopped after step {stopped_at} of {steps} with checkpoint {checkpoint}" in err
+    if between is not None:
+        between(checkpoint)
 
-    resumed = launch("train_sft", args)
+    resumed = launch(script, args)
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert f"resumed from {checkpoint} (step {stopped_at})" in err
-    assert _trained_steps(run_dir) == list(range(1, MAX_STEPS + 1))  # no step lost, none repeated
+    assert _trained_steps(steps_dir) == list(range(1, steps + 1))  # no step lost, none repeated
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_after_the_current_step_and_the_same_command_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+
+    def only_that_checkpoint(checkpoint: Path) -> None:
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [checkpoint.name]
+
+    _preempt_and_resume("train_sft", [*RUN, f"run_dir={run_dir}"], run_dir, MAX_STEPS, only_that_checkpoint)
 
 
 @pytest.mark.slow
@@ -116,22 +127,10 @@ GRPO_RUN = [
 def test_sigterm_during_the_grpo_warm_up_checkpoints_it_and_the_same_command_resumes_it(tmp_path):
     """The SFT warm-up is an SFT run of its own: pre-empted, it keeps its steps like any run."""
     run_dir = tmp_path / "run"
-    warmup_dir = run_dir / "sft_warmup"
-    args = [*GRPO_RUN, f"run_dir={run_dir}"]
-    process = launch("train_grpo", args)
-    _wait_for_a_step(process, warmup_dir)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=300)
-    assert process.returncode == 143, err[-3000:]
-    stopped_at = _trained_steps(warmup_dir)[-1]
-    assert stopped_at < WARMUP_STEPS and "Traceback" not in err
-    checkpoint = warmup_dir / "checkpoints" / f"step_{stopped_at:08d}"
-    assert f"SIGTERM: stopped after step {stopped_at} of {WARMUP_STEPS} with checkpoint {checkpoint}" in err
-    assert not (run_dir / "checkpoints").exists()  # GRPO itself never started
 
-    resumed = launch("train_grpo", args)
-    _, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err[-3000:]
-    assert f"resumed from {checkpoint} (step {stopped_at})" in err
-    assert _trained_steps(warmup_dir) == list(range(1, WARMUP_STEPS + 1))  # no warm-up step lost or repeated
-    assert (run_dir / "checkpoints" / "step_00000001").is_dir()
+    def grpo_not_started(checkpoint: Path) -> None:
+        assert not (run_dir / "checkpoints").exists()
+
+    args = [*GRPO_RUN, f"run_dir={run_dir}"]
+    _preempt_and_resume("train_grpo", args, run_dir / "sft_warmup", WARMUP_STEPS, grpo_not_started)
+    assert (run_dir / "checkpoints" / "step_00000001").is_dir()  # then GRPO ran
