@@ -20,7 +20,7 @@ def test_an_engine_is_measured_through_the_pass_at_k_evaluation(megatron_world1)
     from nemo_quagmire.megatron.policy import MegatronPolicy
 
     tokenizer = bench.CharTokenizer()
-    engine = MegatronPolicy(bench.MODEL, ParallelConfig(), seed=0).rollout_engine(
+    engine = MegatronPolicy(bench.MODEL, ParallelConfig(), seed=None).rollout_engine(
         tokenizer, seed=0, max_batch_size=8
     )
     problems = bench.held_out_problems(3)

